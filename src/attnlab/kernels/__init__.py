@@ -1,0 +1,40 @@
+"""The one block-sparse executor every mask mechanism runs on.
+
+``block_sparse_attention(q, k, v, layout)`` computes softmax attention restricted to a
+:class:`BlockLayout`: empty blocks are skipped, full blocks run without a mask, partial blocks use
+the layout's predicate, and partial results merge exactly through their log-sum-exps. On CPU the
+path is ours (``kernels.cpu``); on CUDA the layout's predicate goes to FlexAttention.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core import AttentionOutput, resolve_scale
+from attnlab.kernels.cpu import block_sparse_cpu
+from attnlab.kernels.layout import BlockLayout, MaskMod, block_size, block_sizes, build_layout
+
+__all__ = ["BlockLayout", "MaskMod", "block_size", "block_sizes", "build_layout", "block_sparse_attention"]
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float | None = None) -> AttentionOutput:
+    """q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] under ``layout`` -> (out [B,H,T,Dv], lse [B,H,T])."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    scale = resolve_scale(scale, D)
+    if (layout.T, layout.S) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"layout is for T={layout.T}, S={layout.S} but got T={q.shape[2]}, S={k.shape[2]}")
+    if q.device.type == "cuda":
+        from attnlab.kernels.flex import flex_attention
+
+        out, lse = flex_attention(q, k, v, layout, scale)
+        return AttentionOutput(out, lse)
+    # The fused kernel wants one head width: zero-padding q/k (dot products unchanged) or v (extra
+    # output columns, sliced off) is exact.
+    E = max(D, Dv)
+    if D < E:
+        q, k = F.pad(q, (0, E - D)), F.pad(k, (0, E - D))
+    if Dv < E:
+        v = F.pad(v, (0, E - Dv))
+    out, lse = block_sparse_cpu(q, k, v, layout, scale)
+    return AttentionOutput(out[..., :Dv], lse)

@@ -1,0 +1,245 @@
+"""The block-sparse executor's CPU path.
+
+Plan: split each query block's visited key blocks into *runs* of consecutive blocks, group runs of
+equal length, and hand each group to PyTorch's fused CPU flash-attention kernel as one batched call:
+the group's query blocks are the "heads" of the call and each one's key run is its key sequence.
+When the runs of a group start at evenly spaced blocks (sliding windows, bands), the keys are an
+overlapping strided *view* of K, so nothing is copied; otherwise the runs are gathered in bounded
+chunks. Runs with no partial block run without a mask. A query block with several runs (sinks plus
+a window, a 2-D neighbourhood) merges them exactly through their log-sum-exps.
+
+GQA folds the G query heads that share a kv head into the rows of one call, so K/V are read once
+per kv head. The backward calls the kernel's own backward per group with the *global* output and
+LSE, which makes every group's gradient exact on its own (the flash-attention identity), and
+scatters dK/dV back. Nothing of size T x S is ever allocated.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.core import merge_lse
+from attnlab.kernels.layout import BlockLayout
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_CHUNK_ELEMS = 1 << 24  # bound on gathered-K and mask elements per kernel call
+
+
+@dataclass(frozen=True)
+class _Group:
+    b: int  # slice indices into the layout
+    h: int
+    items: Tensor  # [m] query block ids
+    starts: Tensor  # [m] first key block of each run
+    length: int  # run length in key blocks
+    masked: bool
+    step: int | None  # constant start increment (a strided view works), else None
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _runs(kvb: Tensor, part: Tensor):
+    """Runs of consecutive key blocks per query block: (n, start, length, masked) tensors."""
+    valid = kvb >= 0
+    prev = F.pad(kvb, (1, 0), value=-2)[:, :-1]
+    new = valid & (kvb != prev + 1)
+    run_of = torch.cumsum(new.flatten(), 0) - 1  # run id of each flat entry (row-major)
+    run_of = run_of[valid.flatten()]
+    n_runs = int(new.sum())
+    length = torch.bincount(run_of, minlength=n_runs)
+    masked = torch.bincount(run_of, weights=part.flatten()[valid.flatten()].double(), minlength=n_runs) > 0
+    n, v = torch.nonzero(new, as_tuple=True)
+    return n, kvb[n, v], length, masked
+
+
+def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Group]:
+    groups = []
+    Bl, Hl = layout.kv_blocks.shape[:2]
+    for b in range(Bl):
+        for h in range(Hl):
+            n, start, length, masked = _runs(layout.kv_blocks[b, h], layout.partial[b, h])
+            key = length * 2 + masked.long()
+            for kval in torch.unique(key).tolist():
+                sel = key == kval
+                L, msk = kval // 2, bool(kval % 2)
+                items, starts = n[sel], start[sel]
+                per = max(1, _CHUNK_ELEMS // (L * layout.block_k * max(n_slices_rows, span_cost)))
+                for c in range(0, len(items), per):
+                    it, st = items[c : c + per], starts[c : c + per]
+                    d = torch.diff(st)
+                    step = int(d[0]) if len(d) and bool((d == d[0]).all()) else (0 if len(d) == 0 else None)
+                    groups.append(_Group(b, h, it, st, L, msk, step))
+    return groups
+
+
+def _get_plan(layout: BlockLayout, rows_cost: int, span_cost: int) -> list[_Group]:
+    key = (rows_cost, span_cost)
+    cache = _plans.setdefault(layout, {})
+    if key not in cache:
+        cache[key] = _plan(layout, rows_cost, span_cost)
+    return cache[key]
+
+
+def _slice(x: Tensor, b: int, h: int, Bl: int, Hl: int) -> Tensor:
+    """[B, Hkv, ...] -> [N, ...] for one layout slice; always a view so writes land in x."""
+    if Bl == 1 and Hl == 1:
+        return x.flatten(0, 1)
+    if Bl == 1:
+        return x[:, h]
+    if Hl == 1:
+        return x[b]
+    return x[b, h].unsqueeze(0)
+
+
+def _to_blocks(x: Tensor, Hkv: int, Bq: int, nQB: int) -> Tensor:
+    """[B, H, T, *E] -> [B, Hkv, nQB, G*Bq, *E]: a query block's rows for all G heads of a kv head."""
+    B, H, T = x.shape[:3]
+    E = x.shape[3:]
+    if nQB * Bq != T:
+        x = F.pad(x, (0, 0) * len(E) + (0, nQB * Bq - T))
+    x = x.reshape(B, Hkv, H // Hkv, nQB, Bq, *E).transpose(2, 3)
+    return x.reshape(B, Hkv, nQB, (H // Hkv) * Bq, *E)
+
+
+def _from_blocks(x: Tensor, H: int, T: int) -> Tensor:
+    B, Hkv, nQB, rows = x.shape[:4]
+    E = x.shape[4:]
+    x = x.reshape(B, Hkv, nQB, H // Hkv, rows * Hkv // H, *E).transpose(2, 3)
+    return x.reshape(B, H, -1, *E)[:, :, :T]
+
+
+def _pad_keys(x: Tensor, length: int) -> Tensor:
+    if x.shape[2] != length:
+        x = F.pad(x, (0, 0, 0, length - x.shape[2]))
+    return x.contiguous()
+
+
+class _Ctx:
+    """Per-call state shared by forward and backward: sizes, blocked views, the plan."""
+
+    def __init__(self, q: Tensor, k: Tensor, layout: BlockLayout, scale: float):
+        self.B, self.H, self.T, self.D = q.shape
+        self.Hkv, self.S = k.shape[1], k.shape[2]
+        self.G = self.H // self.Hkv
+        self.layout, self.scale = layout, scale
+        self.Bq, self.Bk = layout.block_q, layout.block_k
+        self.nQB, self.S_pad = layout.n_q_blocks, layout.n_k_blocks * layout.block_k
+        self.Bl, self.Hl = layout.kv_blocks.shape[:2]
+        self.rows = self.G * self.Bq
+        N = (self.B // self.Bl) * (self.Hkv // self.Hl)
+        self.plan = _get_plan(layout, N * max(self.D, 1), self.rows)
+        self.q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
+
+    def keys(self, x: Tensor, g: _Group) -> tuple[Tensor, Tensor | None]:
+        """The group's key runs from padded x [B, Hkv, S_pad, E]: [N, m, span, E] and the token
+        index used (None when the run is a strided view)."""
+        xs = _slice(x, g.b, g.h, self.Bl, self.Hl)
+        m, span = len(g.items), g.length * self.Bk
+        if g.step is not None:
+            sN, sS = xs.stride(0), xs.stride(1)
+            off = xs.storage_offset() + int(g.starts[0]) * self.Bk * sS
+            return xs.as_strided((xs.shape[0], m, span, xs.shape[2]), (sN, g.step * self.Bk * sS, sS, 1), off), None
+        idx = (g.starts.unsqueeze(1) * self.Bk + torch.arange(span)).flatten()
+        return xs.index_select(1, idx).view(xs.shape[0], m, span, xs.shape[2]), idx
+
+    def mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """Additive mask [1, m or 1, rows, span] and row-has-a-key [m, rows], or (None, None)."""
+        if not g.masked:
+            return None, None
+        q_idx = g.items.unsqueeze(1) * self.Bq + self.q_pos  # [m, rows]
+        kv_idx = g.starts.unsqueeze(1) * self.Bk + torch.arange(g.length * self.Bk)  # [m, span]
+        bt, ht = torch.tensor(g.b), torch.tensor(g.h)
+        allowed = self.layout.mask_mod(bt, ht, q_idx.clamp(max=self.T - 1).unsqueeze(2), kv_idx.clamp(max=self.S - 1).unsqueeze(1))
+        allowed = allowed & (kv_idx < self.S).unsqueeze(1)
+        has_key = allowed.any(dim=2)
+        if allowed.shape[0] > 1 and bool((allowed == allowed[:1]).all()):
+            allowed = allowed[:1]  # translation-invariant patterns share one mask
+        add = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        return add.unsqueeze(0), has_key
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
+    qb = _to_blocks(q, c.Hkv, c.Bq, c.nQB)  # [B, Hkv, nQB, rows, D]
+    kp, vp = _pad_keys(k, c.S_pad), _pad_keys(v, c.S_pad)
+    Dv = v.shape[-1]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_zeros(c.B, c.Hkv, c.nQB, c.rows, Dv)
+    lse = torch.full((c.B, c.Hkv, c.nQB, c.rows), float("-inf"), dtype=lse_dtype)
+    seen = torch.zeros(c.Bl, c.Hl, c.nQB, dtype=torch.bool)
+    for g in c.plan:
+        qs = _slice(qb, g.b, g.h, c.Bl, c.Hl)[:, g.items]  # [N, m, rows, D]
+        kg, _ = c.keys(kp, g)
+        vg, _ = c.keys(vp, g)
+        add, has_key = c.mask(g, q.dtype)
+        o, l = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
+        l = l.to(lse_dtype)
+        if has_key is not None:
+            l = l.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
+        o_s, l_s = _slice(out, g.b, g.h, c.Bl, c.Hl), _slice(lse, g.b, g.h, c.Bl, c.Hl)
+        if bool(seen[g.b, g.h, g.items].any()):
+            o, l = merge_lse(o_s[:, g.items], l_s[:, g.items], o, l)
+        o_s[:, g.items] = o
+        l_s[:, g.items] = l
+        seen[g.b, g.h, g.items] = True
+    return _from_blocks(out, c.H, c.T), _from_blocks(lse, c.H, c.T)
+
+
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, c: _Ctx):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qb = _to_blocks(q, c.Hkv, c.Bq, c.nQB)
+    ob = _to_blocks(out, c.Hkv, c.Bq, c.nQB)
+    dob = _to_blocks(dout.to(q.dtype), c.Hkv, c.Bq, c.nQB)
+    # Rows with no key: +inf makes every probability exp(s - inf) = 0, so their gradients are 0.
+    lb = _to_blocks(lse.masked_fill(torch.isneginf(lse), float("inf")), c.Hkv, c.Bq, c.nQB)
+    kp, vp = _pad_keys(k, c.S_pad), _pad_keys(v, c.S_pad)
+    dq = torch.zeros(qb.shape, dtype=acc)
+    dk = torch.zeros(kp.shape, dtype=acc)
+    dv = torch.zeros(vp.shape, dtype=acc)
+    for g in c.plan:
+        sl = (g.b, g.h, c.Bl, c.Hl)
+        kg, idx = c.keys(kp, g)
+        vg, _ = c.keys(vp, g)
+        add, _ = c.mask(g, q.dtype)
+        items = g.items
+        gq, gk, gv = _flash_bwd(
+            _slice(dob, *sl)[:, items], _slice(qb, *sl)[:, items], kg, vg,
+            _slice(ob, *sl)[:, items], _slice(lb, *sl)[:, items].to(torch.float32 if acc == torch.float32 else acc),
+            0.0, False, attn_mask=add, scale=c.scale,
+        )
+        _slice(dq, *sl).index_add_(1, items, gq.to(acc))
+        if idx is None:
+            idx = (g.starts.unsqueeze(1) * c.Bk + torch.arange(g.length * c.Bk)).flatten()
+        N = gk.shape[0]
+        _slice(dk, *sl).index_add_(1, idx, gk.reshape(N, -1, gk.shape[-1]).to(acc))
+        _slice(dv, *sl).index_add_(1, idx, gv.reshape(N, -1, gv.shape[-1]).to(acc))
+    dq = _from_blocks(dq, c.H, c.T).to(q.dtype)
+    return dq, dk[:, :, : c.S].to(k.dtype), dv[:, :, : c.S].to(v.dtype)
+
+
+class _BlockSparseCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        c = _Ctx(q, k, layout, scale)
+        out, lse = _forward(q, k, v, c)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.c = c
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.c)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_cpu(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float) -> tuple[Tensor, Tensor]:
+    """q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,D] (equal head dims) -> out [B,H,T,D], lse [B,H,T]."""
+    return _BlockSparseCPU.apply(q, k, v, layout, scale)

@@ -1,0 +1,170 @@
+"""Block layouts: which key blocks each query block visits, and which of them need an element mask.
+
+A layout is the one interface between a mask mechanism and the executor. Mechanisms state their mask
+as a predicate ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over absolute positions (the FlexAttention
+convention) plus a cheap, conservative key range per query block; ``build_layout`` classifies the
+blocks exactly by evaluating the predicate only inside that range, so building never costs T x S.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+_BLOCK = {"q": 64, "k": 64}
+_EVAL_BUDGET = 1 << 23  # predicate evaluations held at once while classifying blocks
+
+
+def block_sizes() -> tuple[int, int]:
+    """The current (query, key) block sizes used when building layouts. Default (64, 64)."""
+    return _BLOCK["q"], _BLOCK["k"]
+
+
+@contextmanager
+def block_size(q: int, k: int | None = None):
+    """Tune the executor's tiles: ``with attnlab.kernels.block_size(128): ...``.
+
+    Smaller blocks waste less area on partial blocks; larger ones run longer GEMMs. 64 is the
+    measured sweet spot on CPU for windows of a few hundred keys.
+    """
+    k = q if k is None else k
+    for name, val in (("q", q), ("k", k)):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"block_size {name} must be a positive int, got {val!r}")
+    old = dict(_BLOCK)
+    _BLOCK.update(q=q, k=k)
+    try:
+        yield
+    finally:
+        _BLOCK.update(old)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """For each (batch slice, kv-head slice, query block): the visited key blocks.
+
+    kv_blocks [Bl, Hl, nQB, V] int64, ascending per row, -1 in unused slots.
+    partial   [Bl, Hl, nQB, V] bool, True where the block needs ``mask_mod`` (others run unmasked).
+    Bl is 1 (shared by the batch) or B; Hl is 1 (shared by heads) or Hkv. ``mask_mod`` receives the
+    slice's batch and kv-head index as 0-d tensors.
+    """
+
+    T: int
+    S: int
+    block_q: int
+    block_k: int
+    kv_blocks: Tensor
+    partial: Tensor
+    mask_mod: MaskMod
+
+    @property
+    def n_q_blocks(self) -> int:
+        return math.ceil(self.T / self.block_q)
+
+    @property
+    def n_k_blocks(self) -> int:
+        return math.ceil(self.S / self.block_k)
+
+    def block_density(self) -> float:
+        """Visited blocks / all blocks, averaged over slices."""
+        visited = (self.kv_blocks >= 0).sum().item()
+        return visited / (self.kv_blocks.shape[0] * self.kv_blocks.shape[1] * self.n_q_blocks * self.n_k_blocks)
+
+    def allowed_count(self) -> int:
+        """Exact number of allowed (q, k) pairs, summed over slices; costs O(partial-block area)."""
+        Bq, Bk = self.block_q, self.block_k
+        total = 0
+        for b in range(self.kv_blocks.shape[0]):
+            for h in range(self.kv_blocks.shape[1]):
+                kvb, part = self.kv_blocks[b, h], self.partial[b, h]
+                n = torch.arange(self.n_q_blocks).unsqueeze(1).expand_as(kvb)
+                rows = (torch.clamp((n + 1) * Bq, max=self.T) - n * Bq)
+                cols = (torch.clamp((kvb + 1) * Bk, max=self.S) - kvb * Bk)
+                full = (kvb >= 0) & ~part
+                total += int((rows * cols)[full].sum())
+                for n_i, kb in zip(*torch.nonzero(part, as_tuple=True)):
+                    qi = torch.arange(n_i * Bq, min((n_i + 1) * Bq, self.T)).unsqueeze(1)
+                    kb_ = int(kvb[n_i, kb])
+                    ki = torch.arange(kb_ * Bk, min((kb_ + 1) * Bk, self.S)).unsqueeze(0)
+                    total += int(self.mask_mod(torch.tensor(b), torch.tensor(h), qi, ki).sum())
+        return total
+
+
+def _candidates(ranges: list[tuple[Tensor, Tensor]], nKB: int, Bk: int) -> Tensor:
+    """Candidate key blocks [nQB, C] (ascending, -1 = none) covering the union of token ranges."""
+    cols = []
+    for lo, hi in ranges:
+        first = torch.clamp(lo // Bk, 0, nKB)
+        last = torch.clamp((hi + Bk - 1) // Bk, 0, nKB)  # exclusive
+        C = max(int((last - first).max()), 0)
+        cand = first.unsqueeze(1) + torch.arange(C)
+        cols.append(torch.where(cand < last.unsqueeze(1), cand, -1))
+    cand = torch.cat(cols, dim=1).sort(dim=1).values
+    dup = F.pad(cand[:, 1:] == cand[:, :-1], (1, 0), value=False)
+    return torch.where(dup, -1, cand)
+
+
+def _slice_blocks(mask_mod: MaskMod, b: int, h: int, T: int, S: int, Bq: int, Bk: int, cand: Tensor):
+    """Classify one slice's candidate blocks: (nonempty, full), each [nQB, C]."""
+    nQB, C = cand.shape
+    nonempty = torch.zeros(nQB, C, dtype=torch.bool)
+    full = torch.zeros(nQB, C, dtype=torch.bool)
+    bt, ht = torch.tensor(b), torch.tensor(h)
+    step = max(1, _EVAL_BUDGET // (Bq * max(C, 1) * Bk))
+    for n0 in range(0, nQB, step):
+        n = torch.arange(n0, min(nQB, n0 + step))
+        kb = cand[n]  # [m, C]
+        q_idx = (n.unsqueeze(1) * Bq + torch.arange(Bq)).view(-1, Bq, 1, 1)  # [m, Bq, 1, 1]
+        kv_idx = (kb.clamp(min=0).unsqueeze(-1) * Bk + torch.arange(Bk)).unsqueeze(1)  # [m, 1, C, Bk]
+        real_q, real_k = q_idx < T, (kv_idx < S) & (kb >= 0).view(-1, 1, C, 1)
+        allowed = mask_mod(bt, ht, q_idx.clamp(max=T - 1), kv_idx.clamp(max=S - 1)) & real_q & real_k
+        nonempty[n] = allowed.any(dim=3).any(dim=1)
+        # Padding rows don't care; padding keys must be masked, so such blocks are never full.
+        full[n] = (allowed | ~real_q).all(dim=3).all(dim=1) & real_k.all(dim=3).squeeze(1)
+    return nonempty, full & nonempty
+
+
+def build_layout(
+    mask_mod: MaskMod,
+    T: int,
+    S: int,
+    *,
+    key_ranges: list[tuple[Tensor, Tensor]] | None = None,
+    batch: int = 1,
+    heads: int = 1,
+    block: tuple[int, int] | None = None,
+) -> BlockLayout:
+    """Evaluate ``mask_mod`` inside ``key_ranges`` and return the exact block layout.
+
+    key_ranges: a list of ``(lo, hi)`` int64 [nQB] token bounds (half-open) whose union contains
+    every allowed key of each query block; loose is fine, tight is a bug. ``None`` means all keys
+    (O(T*S) evaluations). batch/heads: distinct predicate slices (1 when it ignores b / h).
+    """
+    Bq, Bk = block or block_sizes()
+    nQB, nKB = math.ceil(T / Bq), math.ceil(S / Bk)
+    if T == 0 or S == 0:
+        empty = torch.zeros(batch, heads, nQB, 0, dtype=torch.long)
+        return BlockLayout(T, S, Bq, Bk, empty, empty.bool(), mask_mod)
+    if key_ranges is None:
+        key_ranges = [(torch.zeros(nQB, dtype=torch.long), torch.full((nQB,), S, dtype=torch.long))]
+    cand = _candidates([(torch.as_tensor(lo), torch.as_tensor(hi)) for lo, hi in key_ranges], nKB, Bk)
+    per_slice = [_slice_blocks(mask_mod, b, h, T, S, Bq, Bk, cand) for b in range(batch) for h in range(heads)]
+    V = max(max(int(ne.sum(1).max()) for ne, _ in per_slice), 0) if cand.shape[1] else 0
+    kv_blocks = torch.full((batch * heads, nQB, V), -1, dtype=torch.long)
+    partial = torch.zeros(batch * heads, nQB, V, dtype=torch.bool)
+    for s, (nonempty, full) in enumerate(per_slice):
+        sort_key = torch.where(nonempty, cand, torch.iinfo(torch.long).max)
+        order = sort_key.argsort(dim=1, stable=True)[:, :V]  # visited blocks first, ascending
+        keep = nonempty.gather(1, order)
+        kv_blocks[s] = torch.where(keep, cand.gather(1, order), -1)
+        partial[s] = keep & ~full.gather(1, order)
+    shape = (batch, heads, nQB, V)
+    return BlockLayout(T, S, Bq, Bk, kv_blocks.view(shape), partial.view(shape), mask_mod)

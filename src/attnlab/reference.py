@@ -1,0 +1,67 @@
+"""The dense oracle: softmax attention under an explicit boolean mask.
+
+It materializes the full ``[B, H, T, S]`` weights on purpose. It is the ground truth every fast
+path is compared against, so it is written for clarity, computes in fp32 (fp64 when given fp64),
+and never shares code with the fast paths beyond argument checking.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from attnlab.core import check_qkv, compute_dtype, repeat_kv, resolve_scale
+
+
+class Reference(NamedTuple):
+    out: Tensor  # [B, H, T, Dv] in q.dtype
+    weights: Tensor  # [B, H, T, S] in the compute dtype; rows with no allowed key are 0
+    lse: Tensor  # [B, H, T] in the compute dtype; -inf for rows with no allowed key
+
+
+def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> Tensor:
+    """Bottom-right causal mask [T, S]: query i sees keys j <= i + (S - T)."""
+    i = torch.arange(T, device=device).unsqueeze(1)
+    j = torch.arange(S, device=device).unsqueeze(0)
+    return j <= i + (S - T)
+
+
+def _broadcast_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> Tensor:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = allowed), got {mask.dtype}")
+    if mask.dim() not in (2, 3, 4) or tuple(mask.shape[-2:]) != (T, S):
+        raise ValueError(f"mask must be [T, S], [H, T, S] or [B, H, T, S] with T={T}, S={S}, got {tuple(mask.shape)}")
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(0)
+    if mask.dim() == 2:
+        mask = mask.view(1, 1, T, S)
+    if mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H):
+        raise ValueError(f"mask batch/head dims must be 1 or B={B}/H={H}, got {tuple(mask.shape)}")
+    return mask
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, causal: bool = False, scale: float | None = None
+) -> Reference:
+    """Dense masked softmax attention. ``causal`` is ANDed with ``mask`` (bottom-right aligned)."""
+    B, H, Hkv, T, S, D, _ = check_qkv(q, k, v)
+    scale = resolve_scale(scale, D)
+    ct = compute_dtype(q.dtype)
+    allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
+    if mask is not None:
+        allowed = allowed & _broadcast_mask(mask.to(q.device), B, H, T, S)
+    if causal:
+        allowed = allowed & causal_mask(T, S, q.device)
+    kf = repeat_kv(k.to(ct), H // Hkv)
+    vf = repeat_kv(v.to(ct), H // Hkv)
+    logits = torch.einsum("bhtd,bhsd->bhts", q.to(ct), kf) * scale  # [B, H, T, S]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, H, T]; -inf where a row has no key
+    empty = torch.isneginf(lse).unsqueeze(-1)
+    # Subtract a finite stand-in for empty rows so no NaN appears, then zero them explicitly.
+    weights = torch.exp(logits - torch.where(empty, 0.0, lse.unsqueeze(-1)))
+    weights = torch.where(empty | ~allowed, torch.zeros_like(weights), weights)
+    out = torch.einsum("bhts,bhsd->bhtd", weights, vf)
+    return Reference(out.to(q.dtype), weights, lse)
