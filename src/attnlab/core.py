@@ -135,3 +135,16 @@ def int_tuple(name: str, value: object, ndim: int, *, minimum: int = 1) -> tuple
         if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
             raise ValueError(f"{name} entries must be ints >= {minimum}, got {value!r}")
     return tuple(vals)
+
+
+def equal_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero-pad q/k or v to one head width, for fused kernels that need D == Dv.
+
+    Exact: zero columns leave q.k unchanged, and extra output columns are sliced off by the caller.
+    """
+    D, Dv = q.shape[-1], v.shape[-1]
+    if D < Dv:
+        return torch.nn.functional.pad(q, (0, Dv - D)), torch.nn.functional.pad(k, (0, Dv - D)), v
+    if Dv < D:
+        return q, k, torch.nn.functional.pad(v, (0, D - Dv))
+    return q, k, v

@@ -8,10 +8,9 @@ path is ours (``kernels.cpu``); on CUDA the layout's predicate goes to FlexAtten
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, resolve_scale
+from attnlab.core import AttentionOutput, equal_head_dims, resolve_scale
 from attnlab.kernels.cpu import block_sparse_cpu
 from attnlab.kernels.layout import BlockLayout, MaskMod, block_size, block_sizes, build_layout
 
@@ -29,12 +28,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout,
 
         out, lse = flex_attention(q, k, v, layout, scale)
         return AttentionOutput(out, lse)
-    # The fused kernel wants one head width: zero-padding q/k (dot products unchanged) or v (extra
-    # output columns, sliced off) is exact.
-    E = max(D, Dv)
-    if D < E:
-        q, k = F.pad(q, (0, E - D)), F.pad(k, (0, E - D))
-    if Dv < E:
-        v = F.pad(v, (0, E - Dv))
-    out, lse = block_sparse_cpu(q, k, v, layout, scale)
+    out, lse = block_sparse_cpu(*equal_head_dims(q, k, v), layout, scale)
     return AttentionOutput(out[..., :Dv], lse)

@@ -168,3 +168,12 @@ def build_layout(
         partial[s] = keep & ~full.gather(1, order)
     shape = (batch, heads, nQB, V)
     return BlockLayout(T, S, Bq, Bk, kv_blocks.view(shape), partial.view(shape), mask_mod)
+
+
+def query_positions(T: int, S: int, block_q: int | None = None) -> tuple[Tensor, Tensor]:
+    """Key-axis positions (bottom-right aligned) of each query block's first and last row, [nQB]."""
+    Bq = block_q or block_sizes()[0]
+    n = torch.arange(math.ceil(T / Bq))
+    first = n * Bq + (S - T)
+    last = torch.clamp((n + 1) * Bq, max=T) - 1 + (S - T)
+    return first, last

@@ -1,0 +1,108 @@
+"""Document (varlen / packed-sequence) masking: several documents packed into one sequence attend
+only within their own document, optionally causally. Used for packed pre-training since
+"Efficient Sequence Packing without Cross-contamination" (Kosec et al., arXiv 2107.02027) and by
+FlashAttention's varlen kernels (Dao, arXiv 2307.08691).
+
+The options describe the S keys: ``lengths=`` (document lengths summing to S) or
+``document_ids=`` (int [S] or [B, S]). Query row i sits at key position p = i + S - T and belongs to
+that position's document; rows with p < 0 see nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from attnlab.core import AttentionOutput
+from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.layout import query_positions
+
+DEFAULTS = {"lengths": None, "document_ids": None}
+
+
+def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
+    lengths, ids = opts["lengths"], opts["document_ids"]
+    if (lengths is None) == (ids is None):
+        raise ValueError("document needs exactly one of lengths= (doc lengths summing to S) or document_ids= (int [S] or [B, S])")
+    if lengths is not None:
+        lengths = tuple(lengths.tolist() if isinstance(lengths, Tensor) else lengths)
+        if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths) or sum(lengths) != S:
+            raise ValueError(f"lengths must be positive ints summing to the key length S={S}, got {lengths}")
+        return {"lengths": lengths, "document_ids": None}
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"document_ids must be an integer tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+    if ids.dim() not in (1, 2) or ids.shape[-1] != S:
+        raise ValueError(f"document_ids must be [S={S}] or [B, S={S}], got shape {tuple(ids.shape)}")
+    return {"lengths": None, "document_ids": ids}
+
+
+def _ids(S: int, lengths: tuple[int, ...] | None, document_ids: Tensor | None) -> Tensor:
+    """int64 [Bl, S]."""
+    if lengths is not None:
+        return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).unsqueeze(0)
+    ids = document_ids.to(device="cpu", dtype=torch.long)
+    return ids.unsqueeze(0) if ids.dim() == 1 else ids
+
+
+def mask(T: int, S: int, *, causal: bool = False, lengths=None, document_ids=None) -> Tensor:
+    """bool [T, S], or [B, 1, T, S] for per-batch document_ids."""
+    ids = _ids(S, lengths, document_ids)  # [Bl, S]
+    p = torch.arange(T) + (S - T)
+    q_doc = torch.where(p >= 0, ids[:, p.clamp(min=0)], -1)  # [Bl, T]; -1 matches nothing
+    allowed = (q_doc.unsqueeze(2) == ids.unsqueeze(1)) & (p >= 0).view(1, T, 1)
+    if causal:
+        allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))
+    return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
+
+
+def _mask_mod(ids: Tensor, offset: int, causal: bool):
+    def document(b, h, q_idx, kv_idx):
+        p = q_idx + offset
+        same = ids[b, p.clamp(min=0)] == ids[b, kv_idx]
+        ok = same & (p >= 0)
+        return ok & (kv_idx <= p) if causal else ok
+
+    return document
+
+
+def _layout(ids: Tensor, T: int, S: int, causal: bool, block: tuple[int, int]):
+    first_pos, last_pos = query_positions(T, S, block[0])
+    # Each document's first and last key position bounds the keys a query in it can see.
+    n_docs = int(ids.max()) - int(ids.min()) + 1
+    doc = ids - ids.min()
+    pos = torch.arange(S).expand_as(doc)
+    lo_doc = torch.full((doc.shape[0], n_docs), S, dtype=torch.long).scatter_reduce(1, doc, pos, "amin")
+    hi_doc = torch.zeros(doc.shape[0], n_docs, dtype=torch.long).scatter_reduce(1, doc, pos + 1, "amax")
+    rows = torch.arange(T) + (S - T)
+    row_doc = doc[:, rows.clamp(min=0)]
+    row_lo = torch.where(rows >= 0, lo_doc.gather(1, row_doc), S).amin(0)  # [T] over the batch
+    row_hi = torch.where(rows >= 0, hi_doc.gather(1, row_doc), 0).amax(0)
+    Bq = block[0]
+    n = first_pos.shape[0]
+    pad = n * Bq - T
+    lo = torch.nn.functional.pad(row_lo, (0, pad), value=S).view(n, Bq).amin(1)
+    hi = torch.nn.functional.pad(row_hi, (0, pad), value=0).view(n, Bq).amax(1)
+    if causal:
+        hi = torch.minimum(hi, last_pos + 1)
+    return build_layout(_mask_mod(ids, S - T, causal), T, S, key_ranges=[(lo, hi)], batch=ids.shape[0], block=block)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_from_lengths(lengths: tuple[int, ...], T: int, S: int, causal: bool, block: tuple[int, int]):
+    return _layout(_ids(S, lengths, None), T, S, causal, block)
+
+
+def layout(T: int, S: int, causal: bool, lengths=None, document_ids=None, block=None):
+    block = block or block_sizes()
+    if lengths is not None:
+        return _layout_from_lengths(tuple(lengths), T, S, causal, block)
+    return _layout(_ids(S, None, document_ids), T, S, causal, block)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, lengths=None, document_ids=None) -> AttentionOutput:
+    lay = layout(q.shape[2], k.shape[2], causal, lengths, document_ids)
+    if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
+        raise ValueError(f"document_ids has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
+    return block_sparse_attention(q, k, v, lay, scale=scale)

@@ -1,0 +1,74 @@
+"""HaloNet blocked local self-attention (Vaswani et al., "Scaling Local Self-Attention for
+Parameter Efficient Visual Backbones", arXiv 2103.12731, CVPR 2021).
+
+Tokens are a row-major (H, W) grid cut into non-overlapping ``block_size`` x ``block_size`` query
+blocks. Every query of a block attends to the block grown by ``halo`` on each side, clipped to the
+image: positions outside the image are masked (strict local attention), not zero-padded keys as in
+timm. The relative-position logits of the paper belong to a layer, not to the mask, and are left
+to the caller. Non-causal self-attention only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from attnlab.core import AttentionOutput, int_tuple, nonnegative_int, positive_int
+from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+
+DEFAULTS = {"shape": None, "block_size": 8, "halo": 3}
+
+
+def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
+    if causal:
+        raise ValueError("halo attention is non-causal (image blocks have no order); call it with causal=False")
+    if opts["shape"] is None:
+        raise ValueError("halo needs shape=(H, W), the token grid")
+    shape = int_tuple("shape", opts["shape"], 2)
+    b = positive_int("block_size", opts["block_size"])
+    h = nonnegative_int("halo", opts["halo"])
+    if shape[0] % b or shape[1] % b:
+        raise ValueError(f"shape {shape} must be divisible by block_size={b} on both axes")
+    if T != S or shape[0] * shape[1] != S:
+        raise ValueError(f"halo is self-attention over the grid: need T == S == H*W={shape[0] * shape[1]}, got T={T}, S={S}")
+    return {"shape": shape, "block_size": b, "halo": h}
+
+
+def _in_halo(q_idx: Tensor, kv_idx: Tensor, shape, b: int, h: int) -> Tensor:
+    W = shape[1]
+    qy, qx, ky, kx = q_idx // W, q_idx % W, kv_idx // W, kv_idx % W
+    y0, x0 = (qy // b) * b, (qx // b) * b  # the query's block corner
+    return (ky >= y0 - h) & (ky < y0 + b + h) & (kx >= x0 - h) & (kx < x0 + b + h)
+
+
+def mask(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 8, halo: int = 3) -> Tensor:
+    """bool [T, S]."""
+    o = check_options(T, S, causal, {"shape": shape, "block_size": block_size, "halo": halo})
+    t = torch.arange(T)
+    return _in_halo(t.unsqueeze(1), t.unsqueeze(0), o["shape"], o["block_size"], o["halo"])
+
+
+@functools.lru_cache(maxsize=64)
+def layout(shape, b: int, h: int, block: tuple[int, int]):
+    T = shape[0] * shape[1]
+
+    def halo_mod(bt, ht, q_idx, kv_idx):
+        return _in_halo(q_idx, kv_idx, shape, b, h)
+
+    rows = torch.arange(T)
+    y0 = (rows // shape[1] // b) * b
+    lo, hi = torch.clamp(y0 - h, min=0) * shape[1], torch.clamp(y0 + b + h, max=shape[0]) * shape[1]
+    Bq = block[0]
+    pad = -T % Bq
+    lo = torch.nn.functional.pad(lo, (0, pad), value=T).view(-1, Bq).amin(1)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(-1, Bq).amax(1)
+    return build_layout(halo_mod, T, T, key_ranges=[(lo, hi)], block=block)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, shape=None,
+              block_size: int = 8, halo: int = 3) -> AttentionOutput:
+    o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "block_size": block_size, "halo": halo})
+    lay = layout(o["shape"], o["block_size"], o["halo"], block_sizes())
+    return block_sparse_attention(q, k, v, lay, scale=scale)

@@ -1,0 +1,121 @@
+"""Neighborhood attention over a 1-D, 2-D or 3-D token grid, with NATTEN semantics:
+"Neighborhood Attention Transformer" (Hassani et al., arXiv 2204.07143), "Dilated Neighborhood
+Attention Transformer" (arXiv 2209.15001) and "Faster Neighborhood Attention" (arXiv 2403.04690).
+
+Tokens are a row-major flattening of ``shape``. Per axis (length n, kernel k, dilation d): a token
+at coordinate i is in dilation group i % d with local coordinate i' = i // d, and only tokens of the
+same group are neighbours. With n_g = ceil((n - g) / d) tokens in the group:
+
+  non-causal: start = max(i' - k//2, 0) + [i' + R >= n_g] * (n_g - R - i' - 1),  R = k//2 + k%2 - 1
+              end = start + k            (the window shifts at borders; it never shrinks)
+  causal:     start = max(i' - k + 1, 0), end = i' + 1
+
+and key j' is a neighbour when start <= j' < end. A token's neighbourhood is the product of its
+per-axis windows. ``causal`` may be one bool or one per axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from attnlab.core import AttentionOutput, int_tuple
+from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+
+DEFAULTS = {"shape": None, "kernel_size": 7, "dilation": 1}
+
+
+def _causal_axes(causal, ndim: int) -> tuple[bool, ...]:
+    if isinstance(causal, bool):
+        return (causal,) * ndim
+    if isinstance(causal, (tuple, list)) and len(causal) == ndim and all(isinstance(c, bool) for c in causal):
+        return tuple(causal)
+    raise ValueError(f"causal must be a bool or a tuple of {ndim} bools (one per axis), got {causal!r}")
+
+
+def check_options(T: int, S: int, causal, opts: dict) -> dict:
+    shape = opts["shape"]
+    shape = (S,) if shape is None else int_tuple("shape", shape, len(shape) if isinstance(shape, (tuple, list)) else 1)
+    if not 1 <= len(shape) <= 3:
+        raise ValueError(f"shape must have 1 to 3 axes, got {shape}")
+    if T != S or math.prod(shape) != S:
+        raise ValueError(f"neighborhood is self-attention over a grid: need T == S == prod(shape)={math.prod(shape)}, got T={T}, S={S}")
+    kernel = int_tuple("kernel_size", opts["kernel_size"], len(shape))
+    dilation = int_tuple("dilation", opts["dilation"], len(shape))
+    _causal_axes(causal, len(shape))
+    for a, (n, k, d) in enumerate(zip(shape, kernel, dilation)):
+        if k * d > n:
+            raise ValueError(f"kernel_size * dilation must be <= the axis length on axis {a}: {k} * {d} > {n}")
+    return {"shape": shape, "kernel_size": kernel, "dilation": dilation}
+
+
+def _axis_window(i: Tensor, n: int, k: int, d: int, causal: bool):
+    """Dilation group, window start and end (local coordinates) of coordinate(s) i on one axis."""
+    g, ip = i % d, i // d
+    n_g = (n - g + d - 1) // d
+    if causal:
+        start = torch.clamp(ip - k + 1, min=0)
+        return g, start, ip + 1
+    right = k // 2 + k % 2 - 1
+    start = torch.clamp(ip - k // 2, min=0) + (ip + right >= n_g).long() * (n_g - right - ip - 1)
+    return g, start, start + k
+
+
+def _coords(flat: Tensor, shape: tuple[int, ...]) -> list[Tensor]:
+    out, rest = [], flat
+    for n in reversed(shape):
+        out.append(rest % n)
+        rest = rest // n
+    return out[::-1]
+
+
+def _neighbors(q_idx: Tensor, kv_idx: Tensor, shape, kernel, dilation, causal_axes) -> Tensor:
+    allowed = None
+    for i, j, n, k, d, c in zip(_coords(q_idx, shape), _coords(kv_idx, shape), shape, kernel, dilation, causal_axes):
+        g, start, end = _axis_window(i, n, k, d, c)
+        jp = j // d
+        axis_ok = (j % d == g) & (jp >= start) & (jp < end)
+        allowed = axis_ok if allowed is None else allowed & axis_ok
+    return allowed
+
+
+def mask(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1) -> Tensor:
+    """bool [T, S]."""
+    o = check_options(T, S, causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
+    t = torch.arange(T)
+    axes = _causal_axes(causal, len(o["shape"]))
+    return _neighbors(t.unsqueeze(1), t.unsqueeze(0), o["shape"], o["kernel_size"], o["dilation"], axes)
+
+
+@functools.lru_cache(maxsize=64)
+def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
+    T = math.prod(shape)
+
+    def neighborhood(b, h, q_idx, kv_idx):
+        return _neighbors(q_idx, kv_idx, shape, kernel, dilation, causal_axes)
+
+    # Each row's neighbourhood lies between the flat index of its lowest and highest corner.
+    rows = torch.arange(T)
+    lo = hi = 0
+    stride = T
+    for i, n, k, d, c in zip(_coords(rows, shape), shape, kernel, dilation, causal_axes):
+        stride //= n
+        g, start, end = _axis_window(i, n, k, d, c)
+        lo = lo + (start * d + g) * stride
+        hi = hi + ((end - 1) * d + g) * stride
+    Bq = block[0]
+    pad = -T % Bq
+    lo = torch.nn.functional.pad(lo, (0, pad), value=T).view(-1, Bq).amin(1)
+    hi = torch.nn.functional.pad(hi + 1, (0, pad), value=0).view(-1, Bq).amax(1)
+    return build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale: float | None = None, shape=None,
+              kernel_size=7, dilation=1) -> AttentionOutput:
+    o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
+    axes = _causal_axes(causal, len(o["shape"]))
+    lay = layout(o["shape"], o["kernel_size"], o["dilation"], axes, block_sizes())
+    return block_sparse_attention(q, k, v, lay, scale=scale)

@@ -1,0 +1,202 @@
+"""The explicit list of mechanisms, and the public entry points over it.
+
+Nothing registers itself at import time: ``MECHANISMS`` below is the whole list. The CLI, the
+contract tests, the benchmarks and the Hugging Face adapter all iterate it, so a new mechanism is
+covered by all of them once it has a record here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from attnlab import reference as _reference
+from attnlab.core import AttentionOutput, check_causal, check_qkv, resolve_scale
+from attnlab.mechanisms import dense, document, halo, neighborhood, prefix_lm, sliding_window, streaming
+
+PATTERNS = ("self", "self_causal", "cross", "cross_causal")
+ALL_PATTERNS = frozenset(PATTERNS)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """A fast path. ``supports(q, k, v, causal, need_lse=False, **options)`` returns None when it can
+    run the call, else the reason it can't."""
+
+    fn: Callable[..., AttentionOutput]
+    supports: Callable[..., str | None] | None = None
+
+    def reason(self, q, k, v, causal, need_lse, opts) -> str | None:
+        return None if self.supports is None else self.supports(q, k, v, causal, need_lse=need_lse, **opts)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    name: str
+    paper: str
+    mask: Callable[..., Tensor]  # (T, S, *, causal, **options) -> bool [T,S] or [B,1,T,S]
+    impls: dict[str, Impl]  # fastest first: impl="auto" takes the first that supports the call
+    check_options: Callable[[int, int, object, dict], dict]
+    defaults: dict = field(default_factory=dict)
+    patterns: frozenset[str] = ALL_PATTERNS
+    example: Callable[[int], dict] = lambda S: {}  # small valid options for a key length S
+    axis_causal: bool = False  # causal may be a tuple of per-axis bools
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> _reference.Reference:
+        """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
+        opts = _options(self, q.shape[2], k.shape[2], causal, options)
+        m = self.mask(q.shape[2], k.shape[2], causal=causal, **opts).to(q.device)
+        return _reference.attention(q, k, v, m, scale=scale)
+
+    def weights(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> Tensor:
+        """Materialized attention weights [B, H, T, S], for analysis on small inputs."""
+        return self.reference(q, k, v, causal=causal, scale=scale, **options).weights
+
+
+def _grid_2d(S: int) -> tuple[int, int]:
+    """The most square factorization of S."""
+    a = max(d for d in range(1, math.isqrt(S) + 1) if S % d == 0)
+    return a, S // a
+
+
+def _neighborhood_example(S: int) -> dict:
+    a, b = _grid_2d(S)
+    if a >= 3:
+        return {"shape": (a, b), "kernel_size": (3, min(5, b)), "dilation": (1, 1 + (b >= 10))}
+    return {"shape": (S,), "kernel_size": min(5, S), "dilation": 1}
+
+
+def _halo_example(S: int) -> dict:
+    for blk in (4, 3, 2):
+        for a in range(blk, S + 1, blk):
+            if S % a == 0 and (S // a) % blk == 0:
+                return {"shape": (a, S // a), "block_size": blk, "halo": 1}
+    return {"shape": _grid_2d(S), "block_size": 1, "halo": 1}
+
+
+def _document_example(S: int) -> dict:
+    third = max(1, S // 3)
+    lengths = [n for n in (third, third, S - 2 * third) if n > 0]
+    return {"lengths": tuple(lengths)}
+
+
+MECHANISMS: list[Mechanism] = [
+    Mechanism(
+        "dense", "Vaswani et al. 2017, arXiv 1706.03762", dense.mask,
+        {"sdpa": Impl(dense.sdpa, dense.sdpa_supports), "blocksparse": Impl(dense.blocksparse)},
+        lambda T, S, causal, o: {},
+    ),
+    Mechanism(
+        "sliding_window", "Longformer, arXiv 2004.05150; Mistral, arXiv 2310.06825", sliding_window.mask,
+        {"blocksparse": Impl(sliding_window.attention)}, sliding_window.check_options,
+        sliding_window.DEFAULTS, example=lambda S: {"window": 5},
+    ),
+    Mechanism(
+        "streaming", "StreamingLLM, arXiv 2309.17453", streaming.mask,
+        {"blocksparse": Impl(streaming.attention)}, streaming.check_options,
+        streaming.DEFAULTS, example=lambda S: {"sinks": 2, "window": 4},
+    ),
+    Mechanism(
+        "neighborhood", "NAT, arXiv 2204.07143; DiNAT, arXiv 2209.15001; NATTEN, arXiv 2403.04690",
+        neighborhood.mask, {"blocksparse": Impl(neighborhood.attention)}, neighborhood.check_options,
+        neighborhood.DEFAULTS, frozenset({"self", "self_causal"}), _neighborhood_example, axis_causal=True,
+    ),
+    Mechanism(
+        "halo", "HaloNet, arXiv 2103.12731", halo.mask, {"blocksparse": Impl(halo.attention)},
+        halo.check_options, halo.DEFAULTS, frozenset({"self"}), _halo_example,
+    ),
+    Mechanism(
+        "document", "packed sequences, arXiv 2107.02027; FlashAttention-2 varlen, arXiv 2307.08691",
+        document.mask, {"blocksparse": Impl(document.attention)}, document.check_options,
+        document.DEFAULTS, example=_document_example,
+    ),
+    Mechanism(
+        "prefix_lm", "T5, arXiv 1910.10683; UniLM, arXiv 1905.03197", prefix_lm.mask,
+        {"blocksparse": Impl(prefix_lm.attention)}, prefix_lm.check_options, prefix_lm.DEFAULTS,
+        frozenset({"self_causal", "cross_causal"}), lambda S: {"prefix": S // 3},
+    ),
+]
+_BY_NAME = {m.name: m for m in MECHANISMS}
+
+
+def mechanisms() -> list[str]:
+    """Registered mechanism names, in registry order."""
+    return [m.name for m in MECHANISMS]
+
+
+def get(name: str) -> Mechanism:
+    """The registry record for ``name``."""
+    if not isinstance(name, str) or name not in _BY_NAME:
+        raise ValueError(f"unknown mechanism {name!r}; valid: {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def _is_causal(mech: Mechanism, causal) -> bool:
+    if mech.axis_causal and isinstance(causal, (tuple, list)):
+        return any(causal)
+    return check_causal(causal)
+
+
+def _options(mech: Mechanism, T: int, S: int, causal, options: dict) -> dict:
+    """Defaults filled in, unknown names refused, values validated and normalized."""
+    unknown = set(options) - set(mech.defaults)
+    if unknown:
+        accepted = ", ".join(mech.defaults) or "none"
+        raise ValueError(f"{mech.name} got unknown option(s) {sorted(unknown)}; it accepts: {accepted}")
+    _is_causal(mech, causal)
+    return mech.check_options(T, S, causal, {**mech.defaults, **options})
+
+
+def pattern(T: int, S: int, causal: bool) -> str:
+    return ("self" if T == S else "cross") + ("_causal" if causal else "")
+
+
+def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> AttentionOutput:
+    mech = get(mechanism)
+    shapes = check_qkv(q, k, v)
+    resolve_scale(scale, shapes.D)
+    opts = _options(mech, shapes.T, shapes.S, causal, options)
+    pat = pattern(shapes.T, shapes.S, _is_causal(mech, causal))
+    if pat not in mech.patterns:
+        raise ValueError(f"{mech.name} does not support {pat} attention; it supports: {', '.join(sorted(mech.patterns))}")
+    if impl == "reference":
+        ref = mech.reference(q, k, v, causal=causal, scale=scale, **opts)
+        return AttentionOutput(ref.out, ref.lse)
+    if impl == "auto":
+        for cand in mech.impls.values():
+            if cand.reason(q, k, v, causal, need_lse, opts) is None:
+                return cand.fn(q, k, v, causal=causal, scale=scale, **opts)
+        raise ValueError(f"no implementation of {mech.name} can run this call")  # every record has a general impl
+    if impl not in mech.impls:
+        raise ValueError(f"unknown impl {impl!r} for {mech.name}; valid: auto, reference, {', '.join(mech.impls)}")
+    reason = mech.impls[impl].reason(q, k, v, causal, need_lse, opts)
+    if reason is not None:
+        raise ValueError(f"impl {impl!r} of {mech.name} cannot run this call: {reason}")
+    return mech.impls[impl].fn(q, k, v, causal=causal, scale=scale, **opts)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "dense", *, causal=False, scale: float | None = None,
+              impl: str = "auto", **options) -> Tensor:
+    """Attention by mechanism name: q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> [B,H,T,Dv].
+
+    ``impl="auto"`` runs the fastest implementation that supports the call, ``"reference"`` the
+    dense oracle, any other name that implementation or a ValueError saying why it can't.
+    Options not given take the registry defaults (``attnlab list`` shows them).
+    """
+    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=False).out
+
+
+def attention_lse(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "dense", *, causal=False, scale: float | None = None,
+                  impl: str = "auto", **options) -> AttentionOutput:
+    """Like :func:`attention` but returns ``(out, lse)``; lse [B,H,T] is ``-inf`` on rows with no key."""
+    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True)
+
+
+def mask(mechanism: str, T: int, S: int, *, causal=False, **options) -> Tensor:
+    """The mechanism's dense boolean mask (True = allowed): [T, S], or [B, 1, T, S] when per-batch."""
+    mech = get(mechanism)
+    opts = _options(mech, T, S, causal, options)
+    return mech.mask(T, S, causal=causal, **opts)
