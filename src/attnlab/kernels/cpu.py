@@ -46,7 +46,7 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _runs(kvb: Tensor, part: Tensor):
-    """Runs of consecutive key blocks per query block: (n, start, length, masked) tensors."""
+    """Runs of consecutive key blocks per query block: (n, ordinal, start, length, masked) tensors."""
     valid = kvb >= 0
     prev = F.pad(kvb, (1, 0), value=-2)[:, :-1]
     new = valid & (kvb != prev + 1)
@@ -56,7 +56,8 @@ def _runs(kvb: Tensor, part: Tensor):
     length = torch.bincount(run_of, minlength=n_runs)
     masked = torch.bincount(run_of, weights=part.flatten()[valid.flatten()].double(), minlength=n_runs) > 0
     n, v = torch.nonzero(new, as_tuple=True)
-    return n, kvb[n, v], length, masked
+    ordinal = (torch.cumsum(new, dim=1) - 1)[n, v]  # which run of its query block this is
+    return n, ordinal, kvb[n, v], length, masked
 
 
 def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Group]:
@@ -64,11 +65,14 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
     Bl, Hl = layout.kv_blocks.shape[:2]
     for b in range(Bl):
         for h in range(Hl):
-            n, start, length, masked = _runs(layout.kv_blocks[b, h], layout.partial[b, h])
-            key = length * 2 + masked.long()
+            n, ordinal, start, length, masked = _runs(layout.kv_blocks[b, h], layout.partial[b, h])
+            # A group holds each query block at most once (the ordinal), so its results can be
+            # written or merged with one indexed store.
+            V = layout.kv_blocks.shape[-1] + 1
+            key = (ordinal * (V + 1) + length) * 2 + masked.long()
             for kval in torch.unique(key).tolist():
                 sel = key == kval
-                L, msk = kval // 2, bool(kval % 2)
+                L, msk = (kval // 2) % (V + 1), bool(kval % 2)
                 items, starts = n[sel], start[sel]
                 per = max(1, _CHUNK_ELEMS // (L * layout.block_k * max(n_slices_rows, span_cost)))
                 for c in range(0, len(items), per):

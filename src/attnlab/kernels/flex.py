@@ -39,8 +39,15 @@ def block_mask(layout: BlockLayout, B: int, H: int, device: torch.device | str, 
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float, mask=None):
-    """Compiled FlexAttention under ``layout``'s predicate -> (out, lse)."""
+    """Compiled FlexAttention under ``layout``'s predicate -> (out, lse), for CUDA tensors."""
     mask = block_mask(layout, q.shape[0], q.shape[1], q.device) if mask is None else mask
     gqa = q.shape[1] != k.shape[1]
     out, lse = compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa, return_lse=True)
     return out, lse
+
+
+def flex_forward(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
+    """Compiled FlexAttention forward only. On CPU, torch.compile supports Flex for inference only
+    and without the LSE (torch 2.13), so this is what the benchmark can compare on CPU."""
+    with torch.no_grad():
+        return compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

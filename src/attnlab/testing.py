@@ -1,0 +1,144 @@
+"""Tolerances and the comparison against the dense oracle, shared by the test suite and
+``attnlab check`` so both hold every fast path to the same bar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnlab import registry
+
+# (atol, rtol) for outputs and for gradients. fp64 checks exactness; fp32 and bf16 check that the
+# fast path is as accurate as the dtype allows against an oracle that computes in >= fp32.
+TOLERANCES = {
+    torch.float64: ((1e-10, 1e-10), (1e-9, 1e-9)),
+    torch.float32: ((2e-5, 2e-5), (1e-4, 1e-4)),
+    torch.bfloat16: ((2e-2, 2e-2), (6e-2, 6e-2)),
+    torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
+}
+
+
+def _close(name: str, got: Tensor, want: Tensor, atol: float, rtol: float) -> str | None:
+    if got.shape != want.shape:
+        return f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if not torch.isfinite(got).all():
+        return f"{name}: non-finite values"
+    g, w = got.double(), want.double()
+    err = (g - w).abs() - (atol + rtol * w.abs())
+    if (err > 0).any():
+        return f"{name}: max abs error {(g - w).abs().max().item():.3g} exceeds atol={atol} rtol={rtol}"
+    return None
+
+
+def compare_to_reference(mechanism: str, q: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto",
+                         causal=False, scale=None, grad: bool = True, **options) -> list[str]:
+    """Run ``impl`` and the oracle on the same inputs; return the list of mismatches (empty = pass).
+
+    Compares the output, the LSE (on CPU) and, when ``grad``, dq, dk, dv for a random upstream
+    gradient. Rows with no allowed key must give exactly 0 and finite gradients.
+    """
+    (o_tol, g_tol) = TOLERANCES[q.dtype]
+    leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    ref_leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
+    got = registry.attention_lse(*leaves, mechanism, causal=causal, scale=scale, impl=impl, **options)
+    want = registry.attention_lse(*ref_leaves, mechanism, causal=causal, scale=scale, impl="reference", **options)
+    problems = [p for p in [_close("out", got.out, want.out, *o_tol)] if p]
+    if got.out.dtype != q.dtype:
+        problems.append(f"out dtype {got.out.dtype} != q dtype {q.dtype}")
+    empty = torch.isneginf(want.lse)
+    if bool(empty.any()) and bool(got.out[empty].abs().max() != 0):
+        problems.append("rows with no allowed key are not exactly 0")
+    if got.lse is not None:
+        if not torch.equal(torch.isneginf(got.lse), empty):
+            problems.append("lse is -inf on a different set of rows than the oracle")
+        elif (p := _close("lse", got.lse[~empty], want.lse[~empty], *o_tol)) is not None:
+            problems.append(p)
+    if grad:
+        upstream = torch.randn_like(want.out, dtype=torch.float32).to(q.dtype)
+        g_got = torch.autograd.grad(got.out, leaves, upstream, allow_unused=True)
+        g_want = torch.autograd.grad(want.out, ref_leaves, upstream, allow_unused=True)
+        for name, a, b in zip(("dq", "dk", "dv"), g_got, g_want):
+            a = torch.zeros_like(b) if a is None else a
+            if (p := _close(name, a, b, *g_tol)) is not None:
+                problems.append(p)
+    return problems
+
+
+@dataclass(frozen=True)
+class Case:
+    """One contract configuration."""
+
+    impl: str
+    dtype: torch.dtype
+    causal: bool
+    T: int
+    S: int
+    H: int
+    Hkv: int
+    options: dict
+
+    def inputs(self, seed: int = 0, B: int = 2, D: int = 16, Dv: int = 16):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, self.H, self.T, D, generator=g, dtype=torch.float64).to(self.dtype)
+        k = torch.randn(B, self.Hkv, self.S, D, generator=g, dtype=torch.float64).to(self.dtype)
+        v = torch.randn(B, self.Hkv, self.S, Dv, generator=g, dtype=torch.float64).to(self.dtype)
+        return q, k, v
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        causal = "causal" if self.causal else "full"
+        return f"{self.impl}-{dt}-{causal}-T{self.T}-S{self.S}-H{self.H}kv{self.Hkv}"
+
+
+LENGTHS = {"self": [(37, 37), (64, 64)], "cross": [(13, 37), (40, 23)]}
+
+
+def cases(mech: registry.Mechanism, dtypes=(torch.float32, torch.bfloat16, torch.float64)) -> Iterator[Case]:
+    """Every impl x dtype x CAB pattern x {MHA, GQA} x odd lengths the mechanism supports."""
+    for impl in mech.impls:
+        for dtype in dtypes:
+            for causal in (False, True):
+                for kind in ("self", "cross"):
+                    for T, S in LENGTHS[kind]:
+                        if registry.pattern(T, S, causal) not in mech.patterns:
+                            continue
+                        for H, Hkv in ((2, 2), (4, 2)):
+                            yield Case(impl, dtype, causal, T, S, H, Hkv, mech.example(S))
+
+
+def check_mechanism(name: str, dtypes=(torch.float32, torch.float64)) -> list[str]:
+    """The contract on tiny shapes for one mechanism: a list of failures, empty when it passes."""
+    from attnlab.kernels import block_size
+
+    mech = registry.get(name)
+    failures = []
+    with block_size(8, 16):  # small tiles so tiny inputs still span many blocks
+        for case in cases(mech, dtypes):
+            q, k, v = case.inputs()
+            try:
+                problems = compare_to_reference(name, q, k, v, impl=case.impl, causal=case.causal, **case.options)
+            except ValueError as e:
+                if case.impl != "auto" and "cannot run this call" in str(e):
+                    continue  # an explicit impl declining a pattern it does not serve is the contract
+                problems = [f"raised {e}"]
+            failures += [f"{case}: {p}" for p in problems]
+    return failures
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op produces inside the block (for the no-T*S check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out

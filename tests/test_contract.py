@@ -1,0 +1,55 @@
+"""The contract, over every registered mechanism x impl x dtype x CAB pattern x MHA/GQA x odd
+lengths, forward and gradients against the dense oracle. New mechanisms are picked up from the
+registry with no new test code."""
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import registry
+from attnlab.kernels import block_size
+from attnlab.testing import cases, compare_to_reference
+
+ALL_CASES = [(m.name, c) for m in registry.MECHANISMS for c in cases(m)]
+
+
+@pytest.mark.parametrize("blocks", [(8, 16), (16, 8)], ids=["bq8-bk16", "bq16-bk8"])
+@pytest.mark.parametrize(("name", "case"), ALL_CASES, ids=[f"{n}-{c}" for n, c in ALL_CASES])
+def test_fast_path_matches_oracle(name, case, blocks):
+    q, k, v = case.inputs(seed=hash(str(case)) % 1000)
+    try:
+        with block_size(*blocks):
+            problems = compare_to_reference(name, q, k, v, impl=case.impl, causal=case.causal, **case.options)
+    except ValueError as e:
+        # An explicit impl may decline a pattern, but only with its reason, and auto must serve it.
+        assert "cannot run this call" in str(e)
+        attnlab.attention(q, k, v, name, causal=case.causal, **case.options)
+        return
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", attnlab.mechanisms())
+def test_auto_runs_every_supported_pattern_at_default_blocks(name):
+    mech = attnlab.get(name)
+    for T, S in ((70, 70), (33, 70)):
+        for causal in (False, True):
+            if registry.pattern(T, S, causal) not in mech.patterns:
+                continue
+            q = torch.randn(1, 4, T, 8, dtype=torch.float64)
+            k, v = torch.randn(2, 1, 2, S, 8, dtype=torch.float64)
+            assert not compare_to_reference(name, q, k, v, causal=causal, **mech.example(S))
+
+
+def test_comparison_catches_a_wrong_fast_path(monkeypatch):
+    """The check itself can fail: a fast path with a wrong scale must be reported."""
+    from attnlab.mechanisms import sliding_window
+
+    real = sliding_window.attention
+
+    def wrong(q, k, v, *, causal=False, scale=None, window=512):
+        return real(q, k, v, causal=causal, scale=0.5, window=window)
+
+    mech = attnlab.get("sliding_window")
+    monkeypatch.setitem(mech.impls, "blocksparse", registry.Impl(wrong))
+    q, k, v = torch.randn(3, 1, 2, 20, 8, dtype=torch.float64)
+    assert compare_to_reference("sliding_window", q, k, v, causal=True, window=4)
