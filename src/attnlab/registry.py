@@ -15,6 +15,7 @@ from torch import Tensor
 
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_causal, check_qkv, resolve_scale
+from attnlab.kernels import BlockLayout
 from attnlab.mechanisms import dense, document, halo, neighborhood, prefix_lm, sliding_window, streaming
 
 PATTERNS = ("self", "self_causal", "cross", "cross_causal")
@@ -44,6 +45,13 @@ class Mechanism:
     patterns: frozenset[str] = ALL_PATTERNS
     example: Callable[[int], dict] = lambda S: {}  # small valid options for a key length S
     axis_causal: bool = False  # causal may be a tuple of per-axis bools
+    layout: Callable[..., BlockLayout] | None = None  # (T, S, *, causal, **options), mask mechanisms
+
+    def block_layout(self, T: int, S: int, *, causal=False, **options) -> BlockLayout:
+        """The block layout the executor runs for these options (mask mechanisms only)."""
+        if self.layout is None:
+            raise ValueError(f"{self.name} is not a mask mechanism and has no block layout")
+        return self.layout(T, S, causal=causal, **_options(self, T, S, causal, options))
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> _reference.Reference:
         """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
@@ -87,36 +95,37 @@ MECHANISMS: list[Mechanism] = [
     Mechanism(
         "dense", "Vaswani et al. 2017, arXiv 1706.03762", dense.mask,
         {"sdpa": Impl(dense.sdpa, dense.sdpa_supports), "blocksparse": Impl(dense.blocksparse)},
-        lambda T, S, causal, o: {},
+        lambda T, S, causal, o: {}, layout=dense.block_layout,
     ),
     Mechanism(
         "sliding_window", "Longformer, arXiv 2004.05150; Mistral, arXiv 2310.06825", sliding_window.mask,
         {"blocksparse": Impl(sliding_window.attention)}, sliding_window.check_options,
-        sliding_window.DEFAULTS, example=lambda S: {"window": 5},
+        sliding_window.DEFAULTS, example=lambda S: {"window": 5}, layout=sliding_window.block_layout,
     ),
     Mechanism(
         "streaming", "StreamingLLM, arXiv 2309.17453", streaming.mask,
         {"blocksparse": Impl(streaming.attention)}, streaming.check_options,
-        streaming.DEFAULTS, example=lambda S: {"sinks": 2, "window": 4},
+        streaming.DEFAULTS, example=lambda S: {"sinks": 2, "window": 4}, layout=streaming.block_layout,
     ),
     Mechanism(
         "neighborhood", "NAT, arXiv 2204.07143; DiNAT, arXiv 2209.15001; NATTEN, arXiv 2403.04690",
         neighborhood.mask, {"blocksparse": Impl(neighborhood.attention)}, neighborhood.check_options,
         neighborhood.DEFAULTS, frozenset({"self", "self_causal"}), _neighborhood_example, axis_causal=True,
+        layout=neighborhood.block_layout,
     ),
     Mechanism(
         "halo", "HaloNet, arXiv 2103.12731", halo.mask, {"blocksparse": Impl(halo.attention)},
-        halo.check_options, halo.DEFAULTS, frozenset({"self"}), _halo_example,
+        halo.check_options, halo.DEFAULTS, frozenset({"self"}), _halo_example, layout=halo.block_layout,
     ),
     Mechanism(
         "document", "packed sequences, arXiv 2107.02027; FlashAttention-2 varlen, arXiv 2307.08691",
         document.mask, {"blocksparse": Impl(document.attention)}, document.check_options,
-        document.DEFAULTS, example=_document_example,
+        document.DEFAULTS, example=_document_example, layout=document.block_layout,
     ),
     Mechanism(
         "prefix_lm", "T5, arXiv 1910.10683; UniLM, arXiv 1905.03197", prefix_lm.mask,
         {"blocksparse": Impl(prefix_lm.attention)}, prefix_lm.check_options, prefix_lm.DEFAULTS,
-        frozenset({"self_causal", "cross_causal"}), lambda S: {"prefix": S // 3},
+        frozenset({"self_causal", "cross_causal"}), lambda S: {"prefix": S // 3}, layout=prefix_lm.block_layout,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

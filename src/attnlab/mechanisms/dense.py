@@ -67,3 +67,7 @@ def layout(T: int, S: int, causal: bool, block: tuple[int, int]):
 
 def blocksparse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> AttentionOutput:
     return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], causal, block_sizes()), scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal: bool = False):
+    return layout(T, S, causal, block_sizes())

@@ -106,3 +106,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: f
     if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
         raise ValueError(f"document_ids has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal: bool = False, lengths=None, document_ids=None):
+    return layout(T, S, causal, lengths, document_ids)

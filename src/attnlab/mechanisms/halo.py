@@ -72,3 +72,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: f
     o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "block_size": block_size, "halo": halo})
     lay = layout(o["shape"], o["block_size"], o["halo"], block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 8, halo: int = 3):
+    o = check_options(T, S, causal, {"shape": shape, "block_size": block_size, "halo": halo})
+    return layout(o["shape"], o["block_size"], o["halo"], block_sizes())

@@ -119,3 +119,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale: float | N
     axes = _causal_axes(causal, len(o["shape"]))
     lay = layout(o["shape"], o["kernel_size"], o["dilation"], axes, block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1):
+    o = check_options(T, S, causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
+    return layout(o["shape"], o["kernel_size"], o["dilation"], _causal_axes(causal, len(o["shape"])), block_sizes())

@@ -51,3 +51,7 @@ def layout(T: int, S: int, prefix: int, block: tuple[int, int]):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, prefix: int = 0) -> AttentionOutput:
     return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], prefix, block_sizes()), scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal: bool = True, prefix: int = 0):
+    return layout(T, S, prefix, block_sizes())

@@ -53,3 +53,7 @@ def layout(T: int, S: int, causal: bool, window: int, block: tuple[int, int]):
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, window: int = 512) -> AttentionOutput:
     lay = layout(q.shape[2], k.shape[2], causal, window, block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal: bool = False, window: int = 512):
+    return layout(T, S, causal, window, block_sizes())

@@ -58,3 +58,7 @@ def layout(T: int, S: int, causal: bool, sinks: int, window: int, block: tuple[i
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, sinks: int = 4, window: int = 512) -> AttentionOutput:
     lay = layout(q.shape[2], k.shape[2], causal, sinks, window, block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+def block_layout(T: int, S: int, *, causal: bool = False, sinks: int = 4, window: int = 512):
+    return layout(T, S, causal, sinks, window, block_sizes())

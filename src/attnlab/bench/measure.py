@@ -1,0 +1,74 @@
+"""Timing and memory probes: medians over repeats after warm-up, and peak RSS sampled while a call
+runs (a real probe of the process, not an estimate)."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_PAGE = 4096
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakRSS:
+    """Context manager: ``peak`` = highest resident set size above the starting one, in bytes.
+
+    Sampled every ``interval`` seconds on a thread; large tensors live for far longer than that.
+    On systems without /proc it reports None.
+    """
+
+    def __init__(self, interval: float = 0.0005):
+        self.interval, self.peak = interval, None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        try:
+            self._base = _rss_bytes()
+        except OSError:
+            return self
+        self._max = self._base
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss_bytes())
+            self.peak = self._max - self._base
+
+
+@dataclass
+class Timing:
+    median: float  # seconds
+    spread: float  # (max - min) / median over the repeats
+    repeats: int
+    first: float  # the cold first call: includes building and caching the layout
+
+
+def time_call(fn: Callable[[], object], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0) -> Timing:
+    """One cold call, one warm-up, then repeats until ``budget`` seconds or ``max_repeats``."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    fn()
+    times = []
+    while len(times) < min_repeats or (len(times) < max_repeats and sum(times) < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return Timing(med, (max(times) - min(times)) / med if med else 0.0, len(times), first)

@@ -1,0 +1,82 @@
+"""Reports: a terminal table, JSON and CSV under ``results/<timestamp>/``, with a machine banner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def banner() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+COLUMNS = [
+    ("mechanism", "mechanism", "s"), ("T", "T", "d"), ("mask", "pattern", "s"), ("mode", "mode", "s"),
+    ("median ms", "median_ms", ".1f"), ("spread", "spread", ".0%"), ("density", "density", ".3f"),
+    ("GFLOP/s", "gflops", ".1f"), ("x SDPA", "vs_sdpa", ".2f"), ("ideal x", "ideal_vs_sdpa", ".1f"),
+    ("x Flex", "vs_flex", ".2f"), ("peak MiB", "peak_mib", ".0f"), ("peak/qkv", "peak_vs_qkv", ".2f"),
+    ("build ms", "build_ms", ".0f"),
+]
+
+
+def table(rows: list[dict], info: dict) -> None:
+    """Print the table with rich when installed, plain text otherwise; notes follow the table."""
+    rows = [{**r, "pattern": "causal" if r["causal"] else "full"} for r in rows]
+    notes = [f"{r['mechanism']} T={r['T']} {r['pattern']} {r['mode']}: {r['note']}" for r in rows if r["note"]]
+    cells = [[_fmt(r[key], spec) if spec else str(r[key]) for _, key, spec in COLUMNS] for r in rows]
+    title = f"attnlab bench — {info['cpu']} · {info['threads']} threads · torch {info['torch']}"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
+        print("  ".join(h.ljust(w) for (h, _, _), w in zip(COLUMNS, widths)))
+        for c in cells:
+            print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
+        print("\n".join(notes))
+        return
+    t = Table(title=title, header_style="bold")
+    for h, _, _ in COLUMNS:
+        t.add_column(h, justify="left" if h in ("mechanism", "mode", "mask") else "right", no_wrap=True)
+    for c in cells:
+        t.add_row(*c)
+    console = Console(width=None if Console().is_terminal else 200)
+    console.print(t)
+    for n in notes:
+        console.print(n)
+
+
+def write(rows: list[dict], info: dict, gate: dict, out_root: str | Path = "results") -> Path:
+    out = Path(out_root) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": info, "gate": gate, "rows": rows}, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["mechanism"])
+        w.writeheader()
+        w.writerows(rows)
+    return out

@@ -1,0 +1,87 @@
+"""attnlab command line: ``list``, ``check`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from attnlab import registry
+
+
+def cmd_list(args) -> int:
+    for m in registry.MECHANISMS:
+        defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
+        print(f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {', '.join(p for p in registry.PATTERNS if p in m.patterns)}")
+        print(f"  defaults: {defaults}\n  paper:    {m.paper}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from attnlab.testing import check_mechanism
+
+    names = args.mechanisms or registry.mechanisms()
+    failed = 0
+    for name in names:
+        problems = check_mechanism(name, dtypes=(torch.float32, torch.bfloat16, torch.float64))
+        print(f"{'PASS' if not problems else 'FAIL'}  {name}")
+        for p in problems[:10]:
+            print(f"      {p}")
+        failed += bool(problems)
+    print(f"{len(names) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    from attnlab.bench import efficiency, report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
+    info = report.banner()
+    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
+    print("correctness gate: the contract on small shapes for every mechanism (no speed for a failure)")
+    kwargs = dict(preset=args.preset, lengths=tuple(args.lengths) if args.lengths else None,
+                  modes=tuple(args.modes), dtype=dtype, flex=tuple(args.flex))
+    try:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as progress:
+            rows, gate = efficiency.run(args.mechanisms, progress=progress, **kwargs)
+    except ImportError:
+        rows, gate = efficiency.run(args.mechanisms, **kwargs)
+    dict_rows = efficiency.rows_as_dicts(rows)
+    report.table(dict_rows, info)
+    out = report.write(dict_rows, info, gate, args.out)
+    print(f"wrote {out}/results.json and results.csv")
+    return 1 if any(gate.values()) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers").set_defaults(fn=cmd_list)
+    c = sub.add_parser("check", help="the contract on tiny shapes: pass/fail per mechanism")
+    c.add_argument("mechanisms", nargs="*", help="default: all")
+    c.set_defaults(fn=cmd_check)
+    b = sub.add_parser("bench", help="correctness gate, then timings against SDPA and Flex")
+    b.add_argument("--preset", choices=["quick", "full"], default="quick")
+    b.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
+    b.add_argument("--lengths", nargs="+", type=int)
+    b.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    b.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], default="fp32")
+    b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
+    b.add_argument("--flex", nargs="*", default=["sliding_window"], help="mechanisms to time against compiled Flex")
+    b.add_argument("--out", default="results")
+    b.set_defaults(fn=cmd_bench)
+    args = p.parse_args(argv)
+    if args.cmd == "check":
+        bad = [m for m in args.mechanisms if m not in registry.mechanisms()]
+        if bad:
+            p.error(f"unknown mechanism(s) {bad}; valid: {', '.join(registry.mechanisms())}")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
