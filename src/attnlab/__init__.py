@@ -1,6 +1,6 @@
 """attnlab: the attention mechanisms of recent research behind one PyTorch interface.
 
-    out = attnlab.attention(q, k, v, "sliding_window", causal=True, window=512)
+out = attnlab.attention(q, k, v, "sliding_window", causal=True, window=512)
 """
 
 from attnlab.core import AttentionOutput

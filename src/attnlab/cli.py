@@ -13,7 +13,9 @@ from attnlab import registry
 def cmd_list(args) -> int:
     for m in registry.MECHANISMS:
         defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
-        print(f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {', '.join(p for p in registry.PATTERNS if p in m.patterns)}")
+        print(
+            f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {', '.join(p for p in registry.PATTERNS if p in m.patterns)}"
+        )
         print(f"  defaults: {defaults}\n  paper:    {m.paper}")
     return 0
 
@@ -42,8 +44,13 @@ def cmd_bench(args) -> int:
     info = report.banner()
     print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
     print("correctness gate: the contract on small shapes for every mechanism (no speed for a failure)")
-    kwargs = dict(preset=args.preset, lengths=tuple(args.lengths) if args.lengths else None,
-                  modes=tuple(args.modes), dtype=dtype, flex=tuple(args.flex))
+    kwargs = dict(
+        preset=args.preset,
+        lengths=tuple(args.lengths) if args.lengths else None,
+        modes=tuple(args.modes),
+        dtype=dtype,
+        flex=tuple(args.flex),
+    )
     try:
         from rich.progress import Progress
 

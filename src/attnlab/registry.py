@@ -53,7 +53,9 @@ class Mechanism:
             raise ValueError(f"{self.name} is not a mask mechanism and has no block layout")
         return self.layout(T, S, causal=causal, **_options(self, T, S, causal, options))
 
-    def reference(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> _reference.Reference:
+    def reference(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options
+    ) -> _reference.Reference:
         """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
         opts = _options(self, q.shape[2], k.shape[2], causal, options)
         m = self.mask(q.shape[2], k.shape[2], causal=causal, **opts).to(q.device)
@@ -93,39 +95,76 @@ def _document_example(S: int) -> dict:
 
 MECHANISMS: list[Mechanism] = [
     Mechanism(
-        "dense", "Vaswani et al. 2017, arXiv 1706.03762", dense.mask,
+        "dense",
+        "Vaswani et al. 2017, arXiv 1706.03762",
+        dense.mask,
         {"sdpa": Impl(dense.sdpa, dense.sdpa_supports), "blocksparse": Impl(dense.blocksparse)},
-        lambda T, S, causal, o: {}, layout=dense.block_layout,
+        lambda T, S, causal, o: {},
+        layout=dense.block_layout,
     ),
     Mechanism(
-        "sliding_window", "Longformer, arXiv 2004.05150; Mistral, arXiv 2310.06825", sliding_window.mask,
-        {"blocksparse": Impl(sliding_window.attention)}, sliding_window.check_options,
-        sliding_window.DEFAULTS, example=lambda S: {"window": 5}, layout=sliding_window.block_layout,
+        "sliding_window",
+        "Longformer, arXiv 2004.05150; Mistral, arXiv 2310.06825",
+        sliding_window.mask,
+        {"blocksparse": Impl(sliding_window.attention)},
+        sliding_window.check_options,
+        sliding_window.DEFAULTS,
+        example=lambda S: {"window": 5},
+        layout=sliding_window.block_layout,
     ),
     Mechanism(
-        "streaming", "StreamingLLM, arXiv 2309.17453", streaming.mask,
-        {"blocksparse": Impl(streaming.attention)}, streaming.check_options,
-        streaming.DEFAULTS, example=lambda S: {"sinks": 2, "window": 4}, layout=streaming.block_layout,
+        "streaming",
+        "StreamingLLM, arXiv 2309.17453",
+        streaming.mask,
+        {"blocksparse": Impl(streaming.attention)},
+        streaming.check_options,
+        streaming.DEFAULTS,
+        example=lambda S: {"sinks": 2, "window": 4},
+        layout=streaming.block_layout,
     ),
     Mechanism(
-        "neighborhood", "NAT, arXiv 2204.07143; DiNAT, arXiv 2209.15001; NATTEN, arXiv 2403.04690",
-        neighborhood.mask, {"blocksparse": Impl(neighborhood.attention)}, neighborhood.check_options,
-        neighborhood.DEFAULTS, frozenset({"self", "self_causal"}), _neighborhood_example, axis_causal=True,
+        "neighborhood",
+        "NAT, arXiv 2204.07143; DiNAT, arXiv 2209.15001; NATTEN, arXiv 2403.04690",
+        neighborhood.mask,
+        {"blocksparse": Impl(neighborhood.attention)},
+        neighborhood.check_options,
+        neighborhood.DEFAULTS,
+        frozenset({"self", "self_causal"}),
+        _neighborhood_example,
+        axis_causal=True,
         layout=neighborhood.block_layout,
     ),
     Mechanism(
-        "halo", "HaloNet, arXiv 2103.12731", halo.mask, {"blocksparse": Impl(halo.attention)},
-        halo.check_options, halo.DEFAULTS, frozenset({"self"}), _halo_example, layout=halo.block_layout,
+        "halo",
+        "HaloNet, arXiv 2103.12731",
+        halo.mask,
+        {"blocksparse": Impl(halo.attention)},
+        halo.check_options,
+        halo.DEFAULTS,
+        frozenset({"self"}),
+        _halo_example,
+        layout=halo.block_layout,
     ),
     Mechanism(
-        "document", "packed sequences, arXiv 2107.02027; FlashAttention-2 varlen, arXiv 2307.08691",
-        document.mask, {"blocksparse": Impl(document.attention)}, document.check_options,
-        document.DEFAULTS, example=_document_example, layout=document.block_layout,
+        "document",
+        "packed sequences, arXiv 2107.02027; FlashAttention-2 varlen, arXiv 2307.08691",
+        document.mask,
+        {"blocksparse": Impl(document.attention)},
+        document.check_options,
+        document.DEFAULTS,
+        example=_document_example,
+        layout=document.block_layout,
     ),
     Mechanism(
-        "prefix_lm", "T5, arXiv 1910.10683; UniLM, arXiv 1905.03197", prefix_lm.mask,
-        {"blocksparse": Impl(prefix_lm.attention)}, prefix_lm.check_options, prefix_lm.DEFAULTS,
-        frozenset({"self_causal", "cross_causal"}), lambda S: {"prefix": S // 3}, layout=prefix_lm.block_layout,
+        "prefix_lm",
+        "T5, arXiv 1910.10683; UniLM, arXiv 1905.03197",
+        prefix_lm.mask,
+        {"blocksparse": Impl(prefix_lm.attention)},
+        prefix_lm.check_options,
+        prefix_lm.DEFAULTS,
+        frozenset({"self_causal", "cross_causal"}),
+        lambda S: {"prefix": S // 3},
+        layout=prefix_lm.block_layout,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
@@ -170,7 +209,9 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> Attentio
     opts = _options(mech, shapes.T, shapes.S, causal, options)
     pat = pattern(shapes.T, shapes.S, _is_causal(mech, causal))
     if pat not in mech.patterns:
-        raise ValueError(f"{mech.name} does not support {pat} attention; it supports: {', '.join(sorted(mech.patterns))}")
+        raise ValueError(
+            f"{mech.name} does not support {pat} attention; it supports: {', '.join(sorted(mech.patterns))}"
+        )
     if impl == "reference":
         ref = mech.reference(q, k, v, causal=causal, scale=scale, **opts)
         return AttentionOutput(ref.out, ref.lse)
@@ -187,8 +228,17 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> Attentio
     return mech.impls[impl].fn(q, k, v, causal=causal, scale=scale, **opts)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "dense", *, causal=False, scale: float | None = None,
-              impl: str = "auto", **options) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mechanism: str = "dense",
+    *,
+    causal=False,
+    scale: float | None = None,
+    impl: str = "auto",
+    **options,
+) -> Tensor:
     """Attention by mechanism name: q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> [B,H,T,Dv].
 
     ``impl="auto"`` runs the fastest implementation that supports the call, ``"reference"`` the
@@ -198,8 +248,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "dense", *, caus
     return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=False).out
 
 
-def attention_lse(q: Tensor, k: Tensor, v: Tensor, mechanism: str = "dense", *, causal=False, scale: float | None = None,
-                  impl: str = "auto", **options) -> AttentionOutput:
+def attention_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mechanism: str = "dense",
+    *,
+    causal=False,
+    scale: float | None = None,
+    impl: str = "auto",
+    **options,
+) -> AttentionOutput:
     """Like :func:`attention` but returns ``(out, lse)``; lse [B,H,T] is ``-inf`` on rows with no key."""
     return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True)
 

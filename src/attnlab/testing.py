@@ -34,8 +34,18 @@ def _close(name: str, got: Tensor, want: Tensor, atol: float, rtol: float) -> st
     return None
 
 
-def compare_to_reference(mechanism: str, q: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto",
-                         causal=False, scale=None, grad: bool = True, **options) -> list[str]:
+def compare_to_reference(
+    mechanism: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    impl: str = "auto",
+    causal=False,
+    scale=None,
+    grad: bool = True,
+    **options,
+) -> list[str]:
     """Run ``impl`` and the oracle on the same inputs; return the list of mismatches (empty = pass).
 
     Compares the output, the LSE (on CPU) and, when ``grad``, dq, dk, dv for a random upstream

@@ -35,10 +35,19 @@ def _fmt(v, spec: str) -> str:
 
 
 COLUMNS = [
-    ("mechanism", "mechanism", "s"), ("T", "T", "d"), ("mask", "pattern", "s"), ("mode", "mode", "s"),
-    ("median ms", "median_ms", ".1f"), ("spread", "spread", ".0%"), ("density", "density", ".3f"),
-    ("GFLOP/s", "gflops", ".1f"), ("x SDPA", "vs_sdpa", ".2f"), ("ideal x", "ideal_vs_sdpa", ".1f"),
-    ("x Flex", "vs_flex", ".2f"), ("peak MiB", "peak_mib", ".0f"), ("peak/qkv", "peak_vs_qkv", ".2f"),
+    ("mechanism", "mechanism", "s"),
+    ("T", "T", "d"),
+    ("mask", "pattern", "s"),
+    ("mode", "mode", "s"),
+    ("median ms", "median_ms", ".1f"),
+    ("spread", "spread", ".0%"),
+    ("density", "density", ".3f"),
+    ("GFLOP/s", "gflops", ".1f"),
+    ("x SDPA", "vs_sdpa", ".2f"),
+    ("ideal x", "ideal_vs_sdpa", ".1f"),
+    ("x Flex", "vs_flex", ".2f"),
+    ("peak MiB", "peak_mib", ".0f"),
+    ("peak/qkv", "peak_vs_qkv", ".2f"),
     ("build ms", "build_ms", ".0f"),
 ]
 

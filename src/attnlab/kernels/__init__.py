@@ -17,7 +17,9 @@ from attnlab.kernels.layout import BlockLayout, MaskMod, block_size, block_sizes
 __all__ = ["BlockLayout", "MaskMod", "block_size", "block_sizes", "build_layout", "block_sparse_attention"]
 
 
-def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float | None = None) -> AttentionOutput:
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, scale: float | None = None
+) -> AttentionOutput:
     """q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] under ``layout`` -> (out [B,H,T,Dv], lse [B,H,T])."""
     D, Dv = q.shape[-1], v.shape[-1]
     scale = resolve_scale(scale, D)

@@ -78,7 +78,9 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
                 for c in range(0, len(items), per):
                     it, st = items[c : c + per], starts[c : c + per]
                     d = torch.diff(st)
-                    step = int(d[0]) if len(d) and bool((d == d[0]).all()) else (0 if len(d) == 0 else None)
+                    # Evenly spaced, non-decreasing starts can be one strided view (no negative strides).
+                    even = len(d) == 0 or (bool((d == d[0]).all()) and int(d[0]) >= 0)
+                    step = (int(d[0]) if len(d) else 0) if even else None
                     groups.append(_Group(b, h, it, st, L, msk, step))
     return groups
 
@@ -160,7 +162,9 @@ class _Ctx:
         q_idx = g.items.unsqueeze(1) * self.Bq + self.q_pos  # [m, rows]
         kv_idx = g.starts.unsqueeze(1) * self.Bk + torch.arange(g.length * self.Bk)  # [m, span]
         bt, ht = torch.tensor(g.b), torch.tensor(g.h)
-        allowed = self.layout.mask_mod(bt, ht, q_idx.clamp(max=self.T - 1).unsqueeze(2), kv_idx.clamp(max=self.S - 1).unsqueeze(1))
+        allowed = self.layout.mask_mod(
+            bt, ht, q_idx.clamp(max=self.T - 1).unsqueeze(2), kv_idx.clamp(max=self.S - 1).unsqueeze(1)
+        )
         allowed = allowed & (kv_idx < self.S).unsqueeze(1)
         has_key = allowed.any(dim=2)
         if allowed.shape[0] > 1 and bool((allowed == allowed[:1]).all()):
@@ -213,9 +217,16 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
         add, _ = c.mask(g, q.dtype)
         items = g.items
         gq, gk, gv = _flash_bwd(
-            _slice(dob, *sl)[:, items], _slice(qb, *sl)[:, items], kg, vg,
-            _slice(ob, *sl)[:, items], _slice(lb, *sl)[:, items].to(torch.float32 if acc == torch.float32 else acc),
-            0.0, False, attn_mask=add, scale=c.scale,
+            _slice(dob, *sl)[:, items],
+            _slice(qb, *sl)[:, items],
+            kg,
+            vg,
+            _slice(ob, *sl)[:, items],
+            _slice(lb, *sl)[:, items].to(torch.float32 if acc == torch.float32 else acc),
+            0.0,
+            False,
+            attn_mask=add,
+            scale=c.scale,
         )
         _slice(dq, *sl).index_add_(1, items, gq.to(acc))
         if idx is None:

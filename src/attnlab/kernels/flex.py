@@ -34,8 +34,9 @@ def block_mask(layout: BlockLayout, B: int, H: int, device: torch.device | str, 
         h_ = h // groups if Hl > 1 else torch.zeros_like(h)
         return mm(b_, h_, q_idx, kv_idx)
 
-    return create_block_mask(mask_mod, B if Bl > 1 else None, H if Hl > 1 else None, layout.T, layout.S,
-                             device=device, BLOCK_SIZE=block)
+    return create_block_mask(
+        mask_mod, B if Bl > 1 else None, H if Hl > 1 else None, layout.T, layout.S, device=device, BLOCK_SIZE=block
+    )
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float, mask=None):

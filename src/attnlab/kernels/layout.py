@@ -86,8 +86,8 @@ class BlockLayout:
             for h in range(self.kv_blocks.shape[1]):
                 kvb, part = self.kv_blocks[b, h], self.partial[b, h]
                 n = torch.arange(self.n_q_blocks).unsqueeze(1).expand_as(kvb)
-                rows = (torch.clamp((n + 1) * Bq, max=self.T) - n * Bq)
-                cols = (torch.clamp((kvb + 1) * Bk, max=self.S) - kvb * Bk)
+                rows = torch.clamp((n + 1) * Bq, max=self.T) - n * Bq
+                cols = torch.clamp((kvb + 1) * Bk, max=self.S) - kvb * Bk
                 full = (kvb >= 0) & ~part
                 total += int((rows * cols)[full].sum())
                 for n_i, kb in zip(*torch.nonzero(part, as_tuple=True)):

@@ -46,7 +46,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float 
         return AttentionOutput(q.new_zeros(*q.shape[:3], v.shape[-1]), lse)
     q_, k_, v_ = equal_head_dims(q, k, v)
     out, lse = _flash(q_, repeat_kv(k_, groups), repeat_kv(v_, groups), 0.0, causal, scale=scale)
-    return AttentionOutput(out[..., : v.shape[-1]], lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32))
+    return AttentionOutput(
+        out[..., : v.shape[-1]], lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    )
 
 
 def _mask_mod(offset: int):
@@ -65,7 +67,9 @@ def layout(T: int, S: int, causal: bool, block: tuple[int, int]):
     return build_layout(_mask_mod(S - T), T, S, key_ranges=ranges, block=block)
 
 
-def blocksparse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> AttentionOutput:
+def blocksparse(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
+) -> AttentionOutput:
     return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], causal, block_sizes()), scale=scale)
 
 

@@ -25,14 +25,18 @@ DEFAULTS = {"lengths": None, "document_ids": None}
 def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     lengths, ids = opts["lengths"], opts["document_ids"]
     if (lengths is None) == (ids is None):
-        raise ValueError("document needs exactly one of lengths= (doc lengths summing to S) or document_ids= (int [S] or [B, S])")
+        raise ValueError(
+            "document needs exactly one of lengths= (doc lengths summing to S) or document_ids= (int [S] or [B, S])"
+        )
     if lengths is not None:
         lengths = tuple(lengths.tolist() if isinstance(lengths, Tensor) else lengths)
         if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in lengths) or sum(lengths) != S:
             raise ValueError(f"lengths must be positive ints summing to the key length S={S}, got {lengths}")
         return {"lengths": lengths, "document_ids": None}
     if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"document_ids must be an integer tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+        raise ValueError(
+            f"document_ids must be an integer tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}"
+        )
     if ids.dim() not in (1, 2) or ids.shape[-1] != S:
         raise ValueError(f"document_ids must be [S={S}] or [B, S={S}], got shape {tuple(ids.shape)}")
     return {"lengths": None, "document_ids": ids}
@@ -101,7 +105,16 @@ def layout(T: int, S: int, causal: bool, lengths=None, document_ids=None, block=
     return _layout(_ids(S, None, document_ids), T, S, causal, block)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, lengths=None, document_ids=None) -> AttentionOutput:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    lengths=None,
+    document_ids=None,
+) -> AttentionOutput:
     lay = layout(q.shape[2], k.shape[2], causal, lengths, document_ids)
     if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
         raise ValueError(f"document_ids has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")

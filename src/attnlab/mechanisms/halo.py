@@ -32,7 +32,9 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     if shape[0] % b or shape[1] % b:
         raise ValueError(f"shape {shape} must be divisible by block_size={b} on both axes")
     if T != S or shape[0] * shape[1] != S:
-        raise ValueError(f"halo is self-attention over the grid: need T == S == H*W={shape[0] * shape[1]}, got T={T}, S={S}")
+        raise ValueError(
+            f"halo is self-attention over the grid: need T == S == H*W={shape[0] * shape[1]}, got T={T}, S={S}"
+        )
     return {"shape": shape, "block_size": b, "halo": h}
 
 
@@ -67,8 +69,17 @@ def layout(shape, b: int, h: int, block: tuple[int, int]):
     return build_layout(halo_mod, T, T, key_ranges=[(lo, hi)], block=block)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, shape=None,
-              block_size: int = 8, halo: int = 3) -> AttentionOutput:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    shape=None,
+    block_size: int = 8,
+    halo: int = 3,
+) -> AttentionOutput:
     o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "block_size": block_size, "halo": halo})
     lay = layout(o["shape"], o["block_size"], o["halo"], block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)

@@ -42,7 +42,9 @@ def check_options(T: int, S: int, causal, opts: dict) -> dict:
     if not 1 <= len(shape) <= 3:
         raise ValueError(f"shape must have 1 to 3 axes, got {shape}")
     if T != S or math.prod(shape) != S:
-        raise ValueError(f"neighborhood is self-attention over a grid: need T == S == prod(shape)={math.prod(shape)}, got T={T}, S={S}")
+        raise ValueError(
+            f"neighborhood is self-attention over a grid: need T == S == prod(shape)={math.prod(shape)}, got T={T}, S={S}"
+        )
     kernel = int_tuple("kernel_size", opts["kernel_size"], len(shape))
     dilation = int_tuple("dilation", opts["dilation"], len(shape))
     _causal_axes(causal, len(shape))
@@ -113,9 +115,12 @@ def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
     return build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale: float | None = None, shape=None,
-              kernel_size=7, dilation=1) -> AttentionOutput:
-    o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale: float | None = None, shape=None, kernel_size=7, dilation=1
+) -> AttentionOutput:
+    o = check_options(
+        q.shape[2], k.shape[2], causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation}
+    )
     axes = _causal_axes(causal, len(o["shape"]))
     lay = layout(o["shape"], o["kernel_size"], o["dilation"], axes, block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)

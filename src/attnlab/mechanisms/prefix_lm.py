@@ -49,7 +49,9 @@ def layout(T: int, S: int, prefix: int, block: tuple[int, int]):
     return build_layout(_mask_mod(S - T, prefix), T, S, key_ranges=[(torch.zeros_like(hi), hi)], block=block)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, prefix: int = 0) -> AttentionOutput:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, prefix: int = 0
+) -> AttentionOutput:
     return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], prefix, block_sizes()), scale=scale)
 
 

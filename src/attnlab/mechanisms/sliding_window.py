@@ -50,7 +50,9 @@ def layout(T: int, S: int, causal: bool, window: int, block: tuple[int, int]):
     return build_layout(_mask_mod(S - T, causal, window), T, S, key_ranges=[(lo, hi)], block=block)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, window: int = 512) -> AttentionOutput:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, window: int = 512
+) -> AttentionOutput:
     lay = layout(q.shape[2], k.shape[2], causal, window, block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)
 

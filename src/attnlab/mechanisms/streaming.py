@@ -55,7 +55,16 @@ def layout(T: int, S: int, causal: bool, sinks: int, window: int, block: tuple[i
     return build_layout(_mask_mod(S - T, causal, sinks, window), T, S, key_ranges=ranges, block=block)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, sinks: int = 4, window: int = 512) -> AttentionOutput:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    sinks: int = 4,
+    window: int = 512,
+) -> AttentionOutput:
     lay = layout(q.shape[2], k.shape[2], causal, sinks, window, block_sizes())
     return block_sparse_attention(q, k, v, lay, scale=scale)
 

@@ -1,0 +1,42 @@
+"""The CLI: list, check, and a tiny bench run that writes its JSON."""
+
+import json
+
+from attnlab import cli
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "sliding_window" in out and "defaults: window=512" in out and "self_causal" in out
+
+
+def test_check_passes_and_reports(capsys):
+    assert cli.main(["check", "sliding_window", "halo"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  sliding_window" in out and "2 passed, 0 failed" in out
+
+
+def test_bench_writes_results(tmp_path, capsys):
+    code = cli.main(
+        [
+            "bench",
+            "--mechanisms",
+            "sliding_window",
+            "dense",
+            "--lengths",
+            "256",
+            "--modes",
+            "fwd",
+            "--flex",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    (run,) = tmp_path.iterdir()
+    data = json.loads((run / "results.json").read_text())
+    rows = data["rows"]
+    assert {r["mechanism"] for r in rows} == {"sliding_window", "dense"} and data["machine"]["torch"]
+    assert all(r["median_ms"] > 0 and r["vs_sdpa"] > 0 and 0 < r["density"] <= 1 for r in rows)
+    assert (run / "results.csv").exists()
