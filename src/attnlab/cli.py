@@ -13,9 +13,8 @@ from attnlab import registry
 def cmd_list(args) -> int:
     for m in registry.MECHANISMS:
         defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
-        print(
-            f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {', '.join(p for p in registry.PATTERNS if p in m.patterns)}"
-        )
+        patterns = ", ".join(p for p in registry.PATTERNS if p in m.patterns)
+        print(f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {patterns}")
         print(f"  defaults: {defaults}\n  paper:    {m.paper}")
     return 0
 
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
     b.add_argument("--lengths", nargs="+", type=int)
     b.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    b.add_argument("--masks", nargs="+", choices=["full", "causal"], default=["full", "causal"])
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], default="fp32")
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
     b.add_argument("--flex", nargs="*", default=["sliding_window"], help="mechanisms to time against compiled Flex")

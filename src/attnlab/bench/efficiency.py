@@ -162,6 +162,7 @@ def run(
     shape: tuple[int, int, int, int] = (1, 8, 8, 64),
     dtype: torch.dtype = torch.float32,
     flex: tuple[str, ...] = ("sliding_window",),
+    causal: tuple[bool, ...] = (False, True),
     progress=None,
 ) -> tuple[list[Row], dict[str, list[str]]]:
     """Gate, then time. Returns the rows and the gate failures (mechanisms that failed get no speed)."""
@@ -175,9 +176,9 @@ def run(
     for name in names:
         mech = registry.get(name)
         for T in lengths:
-            for causal in (False, True):
-                if registry.pattern(T, T, causal) in mech.patterns:
-                    plan += [(name, T, causal, mode) for mode in modes]
+            for c in causal:
+                if registry.pattern(T, T, c) in mech.patterns:
+                    plan += [(name, T, c, mode) for mode in modes]
     rows = []
     task = progress.add_task("benchmarking", total=len(plan)) if progress else None
     for name, T, causal, mode in plan:

@@ -186,15 +186,15 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
         kg, _ = c.keys(kp, g)
         vg, _ = c.keys(vp, g)
         add, has_key = c.mask(g, q.dtype)
-        o, l = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
-        l = l.to(lse_dtype)
+        o, lse_g = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
+        lse_g = lse_g.to(lse_dtype)
         if has_key is not None:
-            l = l.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
+            lse_g = lse_g.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
         o_s, l_s = _slice(out, g.b, g.h, c.Bl, c.Hl), _slice(lse, g.b, g.h, c.Bl, c.Hl)
         if bool(seen[g.b, g.h, g.items].any()):
-            o, l = merge_lse(o_s[:, g.items], l_s[:, g.items], o, l)
+            o, lse_g = merge_lse(o_s[:, g.items], l_s[:, g.items], o, lse_g)
         o_s[:, g.items] = o
-        l_s[:, g.items] = l
+        l_s[:, g.items] = lse_g
         seen[g.b, g.h, g.items] = True
     return _from_blocks(out, c.H, c.T), _from_blocks(lse, c.H, c.T)
 

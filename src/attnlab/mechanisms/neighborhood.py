@@ -42,9 +42,8 @@ def check_options(T: int, S: int, causal, opts: dict) -> dict:
     if not 1 <= len(shape) <= 3:
         raise ValueError(f"shape must have 1 to 3 axes, got {shape}")
     if T != S or math.prod(shape) != S:
-        raise ValueError(
-            f"neighborhood is self-attention over a grid: need T == S == prod(shape)={math.prod(shape)}, got T={T}, S={S}"
-        )
+        n = math.prod(shape)
+        raise ValueError(f"neighborhood is self-attention over a grid: need T == S == prod(shape)={n}, got {T=}, {S=}")
     kernel = int_tuple("kernel_size", opts["kernel_size"], len(shape))
     dilation = int_tuple("dilation", opts["dilation"], len(shape))
     _causal_axes(causal, len(shape))
