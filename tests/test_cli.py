@@ -40,3 +40,11 @@ def test_bench_writes_results(tmp_path, capsys):
     assert {r["mechanism"] for r in rows} == {"sliding_window", "dense"} and data["machine"]["torch"]
     assert all(r["median_ms"] > 0 and r["vs_sdpa"] > 0 and 0 < r["density"] <= 1 for r in rows)
     assert (run / "results.csv").exists()
+
+
+def test_bench_masks_option_selects_patterns(tmp_path):
+    args = ["bench", "--mechanisms", "sliding_window", "--lengths", "128", "--modes", "fwd", "--masks", "causal"]
+    assert cli.main([*args, "--flex", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert [r["causal"] for r in rows] == [True]

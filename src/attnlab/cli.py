@@ -49,6 +49,7 @@ def cmd_bench(args) -> int:
         modes=tuple(args.modes),
         dtype=dtype,
         flex=tuple(args.flex),
+        causal=tuple(m == "causal" for m in args.masks),
     )
     try:
         from rich.progress import Progress

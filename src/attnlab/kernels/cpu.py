@@ -35,11 +35,19 @@ _CHUNK_ELEMS = 1 << 24  # bound on gathered-K and mask elements per kernel call
 class _Group:
     b: int  # slice indices into the layout
     h: int
-    items: Tensor  # [m] query block ids
+    items: Tensor  # [m] query block ids, unique
     starts: Tensor  # [m] first key block of each run
     length: int  # run length in key blocks
     masked: bool
     step: int | None  # constant start increment (a strided view works), else None
+
+    @property
+    def sel(self) -> slice | Tensor:
+        """Index of the group's query blocks: a slice (a view, no copy) when they are consecutive."""
+        first, m = int(self.items[0]), len(self.items)
+        if int(self.items[-1]) - first == m - 1:
+            return slice(first, first + m)
+        return self.items
 
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -85,11 +93,12 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
     return groups
 
 
-def _get_plan(layout: BlockLayout, rows_cost: int, span_cost: int) -> list[_Group]:
+def _get_plan(layout: BlockLayout, rows_cost: int, span_cost: int) -> tuple[list[_Group], dict]:
+    """The plan for a layout and call geometry, with a cache for its shared masks."""
     key = (rows_cost, span_cost)
     cache = _plans.setdefault(layout, {})
     if key not in cache:
-        cache[key] = _plan(layout, rows_cost, span_cost)
+        cache[key] = (_plan(layout, rows_cost, span_cost), {})
     return cache[key]
 
 
@@ -140,7 +149,7 @@ class _Ctx:
         self.Bl, self.Hl = layout.kv_blocks.shape[:2]
         self.rows = self.G * self.Bq
         N = (self.B // self.Bl) * (self.Hkv // self.Hl)
-        self.plan = _get_plan(layout, N * max(self.D, 1), self.rows)
+        self.plan, self._masks = _get_plan(layout, N * max(self.D, 1), self.rows)
         self.q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
 
     def keys(self, x: Tensor, g: _Group) -> tuple[Tensor, Tensor | None]:
@@ -156,9 +165,22 @@ class _Ctx:
         return xs.index_select(1, idx).view(xs.shape[0], m, span, xs.shape[2]), idx
 
     def mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        """Additive mask [1, m or 1, rows, span] and row-has-a-key [m, rows], or (None, None)."""
+        """Additive mask [1, m or 1, rows, span] and row-has-a-key [m, rows], or (None, None).
+
+        A mask shared by all of a group's blocks (translation-invariant patterns such as windows)
+        is small, so it is cached with the plan and reused by later calls and the backward.
+        """
         if not g.masked:
             return None, None
+        key = (id(g), dtype)
+        if key in self._masks:
+            return self._masks[key]
+        add, has_key = self._build_mask(g, dtype)
+        if add.shape[1] == 1:
+            self._masks[key] = (add, has_key)
+        return add, has_key
+
+    def _build_mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         q_idx = g.items.unsqueeze(1) * self.Bq + self.q_pos  # [m, rows]
         kv_idx = g.starts.unsqueeze(1) * self.Bk + torch.arange(g.length * self.Bk)  # [m, span]
         bt, ht = torch.tensor(g.b), torch.tensor(g.h)
@@ -182,7 +204,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
     lse = torch.full((c.B, c.Hkv, c.nQB, c.rows), float("-inf"), dtype=lse_dtype)
     seen = torch.zeros(c.Bl, c.Hl, c.nQB, dtype=torch.bool)
     for g in c.plan:
-        qs = _slice(qb, g.b, g.h, c.Bl, c.Hl)[:, g.items]  # [N, m, rows, D]
+        sel = g.sel
+        qs = _slice(qb, g.b, g.h, c.Bl, c.Hl)[:, sel]  # [N, m, rows, D]
         kg, _ = c.keys(kp, g)
         vg, _ = c.keys(vp, g)
         add, has_key = c.mask(g, q.dtype)
@@ -191,11 +214,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
         if has_key is not None:
             lse_g = lse_g.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
         o_s, l_s = _slice(out, g.b, g.h, c.Bl, c.Hl), _slice(lse, g.b, g.h, c.Bl, c.Hl)
-        if bool(seen[g.b, g.h, g.items].any()):
-            o, lse_g = merge_lse(o_s[:, g.items], l_s[:, g.items], o, lse_g)
-        o_s[:, g.items] = o
-        l_s[:, g.items] = lse_g
-        seen[g.b, g.h, g.items] = True
+        if bool(seen[g.b, g.h, sel].any()):
+            o, lse_g = merge_lse(o_s[:, sel], l_s[:, sel], o, lse_g)
+        o_s[:, sel] = o
+        l_s[:, sel] = lse_g
+        seen[g.b, g.h, sel] = True
     return _from_blocks(out, c.H, c.T), _from_blocks(lse, c.H, c.T)
 
 
@@ -211,31 +234,40 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     dk = torch.zeros(kp.shape, dtype=acc)
     dv = torch.zeros(vp.shape, dtype=acc)
     for g in c.plan:
-        sl = (g.b, g.h, c.Bl, c.Hl)
+        sl, sel = (g.b, g.h, c.Bl, c.Hl), g.sel
         kg, idx = c.keys(kp, g)
         vg, _ = c.keys(vp, g)
         add, _ = c.mask(g, q.dtype)
-        items = g.items
+        lse_g = _slice(lb, *sl)[:, sel].to(torch.float32 if acc == torch.float32 else acc)
         gq, gk, gv = _flash_bwd(
-            _slice(dob, *sl)[:, items],
-            _slice(qb, *sl)[:, items],
-            kg,
-            vg,
-            _slice(ob, *sl)[:, items],
-            _slice(lb, *sl)[:, items].to(torch.float32 if acc == torch.float32 else acc),
-            0.0,
-            False,
-            attn_mask=add,
-            scale=c.scale,
-        )
-        _slice(dq, *sl).index_add_(1, items, gq.to(acc))
-        if idx is None:
-            idx = (g.starts.unsqueeze(1) * c.Bk + torch.arange(g.length * c.Bk)).flatten()
-        N = gk.shape[0]
-        _slice(dk, *sl).index_add_(1, idx, gk.reshape(N, -1, gk.shape[-1]).to(acc))
-        _slice(dv, *sl).index_add_(1, idx, gv.reshape(N, -1, gv.shape[-1]).to(acc))
+            _slice(dob, *sl)[:, sel], _slice(qb, *sl)[:, sel], kg, vg, _slice(ob, *sl)[:, sel], lse_g,
+            0.0, False, attn_mask=add, scale=c.scale,
+        )  # fmt: skip
+        _slice(dq, *sl)[:, sel] += gq.to(acc)  # query blocks are unique within a group
+        for dst, grad in ((dk, gk), (dv, gv)):
+            _scatter_keys(_slice(dst, *sl), grad.to(acc), g, c.Bk, idx)
     dq = _from_blocks(dq, c.H, c.T).to(q.dtype)
     return dq, dk[:, :, : c.S].to(k.dtype), dv[:, :, : c.S].to(v.dtype)
+
+
+def _scatter_keys(dst: Tensor, grad: Tensor, g: _Group, Bk: int, idx: Tensor | None) -> None:
+    """Add per-run key gradients grad [N, m, span, E] back into dst [N, S_pad, E].
+
+    Evenly spaced runs overlap in a fixed pattern, so each of the run's L block positions is one
+    strided slice-add over all m runs (dense, vectorized); anything else goes through index_add_.
+    """
+    N, m, span, E = grad.shape
+    s0 = int(g.starts[0])
+    if g.step == 0:
+        dst[:, s0 * Bk : s0 * Bk + span] += grad.sum(1)
+    elif g.step is not None:
+        blocks = dst.unflatten(1, (-1, Bk))  # [N, nKB, Bk, E]
+        per_block = grad.view(N, m, g.length, Bk, E)
+        stop = (m - 1) * g.step + 1
+        for j in range(g.length):
+            blocks[:, s0 + j : s0 + j + stop : g.step] += per_block[:, :, j]
+    else:
+        dst.index_add_(1, idx, grad.reshape(N, m * span, E))
 
 
 class _BlockSparseCPU(torch.autograd.Function):
