@@ -68,6 +68,29 @@ def _runs(kvb: Tensor, part: Tensor):
     return n, ordinal, kvb[n, v], length, masked
 
 
+def _step(starts: Tensor) -> int | None:
+    """The constant, non-negative start increment of a group, or None (no negative strides)."""
+    d = torch.diff(starts)
+    if len(d) == 0:
+        return 0
+    return int(d[0]) if bool((d == d[0]).all()) and int(d[0]) >= 0 else None
+
+
+def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8):
+    """Split a group so each part's starts advance evenly (one strided view per part).
+
+    With query blocks smaller than key blocks, a window's first key block advances every p-th
+    query block; taking every p-th item makes the starts affine again.
+    """
+    if _step(starts) is not None:
+        return [(items, starts)]
+    for p in range(2, max_period + 1):
+        parts = [(items[r::p], starts[r::p]) for r in range(p)]
+        if all(_step(st) is not None for _, st in parts):
+            return parts
+    return [(items, starts)]
+
+
 def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Group]:
     groups = []
     Bl, Hl = layout.kv_blocks.shape[:2]
@@ -83,13 +106,9 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
                 L, msk = (kval // 2) % (V + 1), bool(kval % 2)
                 items, starts = n[sel], start[sel]
                 per = max(1, _CHUNK_ELEMS // (L * layout.block_k * max(n_slices_rows, span_cost)))
-                for c in range(0, len(items), per):
-                    it, st = items[c : c + per], starts[c : c + per]
-                    d = torch.diff(st)
-                    # Evenly spaced, non-decreasing starts can be one strided view (no negative strides).
-                    even = len(d) == 0 or (bool((d == d[0]).all()) and int(d[0]) >= 0)
-                    step = (int(d[0]) if len(d) else 0) if even else None
-                    groups.append(_Group(b, h, it, st, L, msk, step))
+                for it, st in _evenly_spaced(items, starts):
+                    for c in range(0, len(it), per):
+                        groups.append(_Group(b, h, it[c : c + per], st[c : c + per], L, msk, _step(st[c : c + per])))
     return groups
 
 
@@ -200,8 +219,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
     kp, vp = _pad_keys(k, c.S_pad), _pad_keys(v, c.S_pad)
     Dv = v.shape[-1]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = q.new_zeros(c.B, c.Hkv, c.nQB, c.rows, Dv)
-    lse = torch.full((c.B, c.Hkv, c.nQB, c.rows), float("-inf"), dtype=lse_dtype)
+    # Uninitialized: every visited block is written below; blocks no run visits are zeroed after.
+    out = q.new_empty(c.B, c.Hkv, c.nQB, c.rows, Dv)
+    lse = torch.empty((c.B, c.Hkv, c.nQB, c.rows), dtype=lse_dtype)
     seen = torch.zeros(c.Bl, c.Hl, c.nQB, dtype=torch.bool)
     for g in c.plan:
         sel = g.sel
@@ -211,14 +231,23 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
         add, has_key = c.mask(g, q.dtype)
         o, lse_g = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
         lse_g = lse_g.to(lse_dtype)
-        if has_key is not None:
+        if has_key is not None and not bool(has_key.all()):
             lse_g = lse_g.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
         o_s, l_s = _slice(out, g.b, g.h, c.Bl, c.Hl), _slice(lse, g.b, g.h, c.Bl, c.Hl)
-        if bool(seen[g.b, g.h, sel].any()):
+        before = seen[g.b, g.h, sel]
+        if bool(before.any()):
+            fresh = g.items[~before]  # blocks this group reaches first: start them empty
+            o_s[:, fresh], l_s[:, fresh] = 0, float("-inf")
             o, lse_g = merge_lse(o_s[:, sel], l_s[:, sel], o, lse_g)
         o_s[:, sel] = o
         l_s[:, sel] = lse_g
         seen[g.b, g.h, sel] = True
+    if not bool(seen.all()):
+        for b in range(c.Bl):
+            for h in range(c.Hl):
+                unseen = (~seen[b, h]).nonzero().flatten()
+                _slice(out, b, h, c.Bl, c.Hl)[:, unseen] = 0
+                _slice(lse, b, h, c.Bl, c.Hl)[:, unseen] = float("-inf")
     return _from_blocks(out, c.H, c.T), _from_blocks(lse, c.H, c.T)
 
 
