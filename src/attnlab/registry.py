@@ -16,7 +16,16 @@ from torch import Tensor
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_causal, check_qkv, resolve_scale
 from attnlab.kernels import BlockLayout
-from attnlab.mechanisms import dense, document, halo, neighborhood, prefix_lm, sliding_window, streaming
+from attnlab.mechanisms import (
+    dense,
+    document,
+    halo,
+    neighborhood,
+    prefix_lm,
+    sliding_window,
+    streaming,
+    strided_shard,
+)
 
 PATTERNS = ("self", "self_causal", "cross", "cross_causal")
 ALL_PATTERNS = frozenset(PATTERNS)
@@ -46,19 +55,25 @@ class Mechanism:
     example: Callable[[int], dict] = lambda S: {}  # small valid options for a key length S
     axis_causal: bool = False  # causal may be a tuple of per-axis bools
     layout: Callable[..., BlockLayout] | None = None  # (T, S, *, causal, **options), mask mechanisms
+    per_kv_head: bool = False  # mask and layout differ per kv head: they take kv_heads=
 
-    def block_layout(self, T: int, S: int, *, causal=False, **options) -> BlockLayout:
+    def _heads(self, kv_heads: int | None) -> dict:
+        return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}
+
+    def block_layout(self, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> BlockLayout:
         """The block layout the executor runs for these options (mask mechanisms only)."""
         if self.layout is None:
             raise ValueError(f"{self.name} is not a mask mechanism and has no block layout")
-        return self.layout(T, S, causal=causal, **_options(self, T, S, causal, options))
+        return self.layout(T, S, causal=causal, **self._heads(kv_heads), **_options(self, T, S, causal, options))
 
     def reference(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options
     ) -> _reference.Reference:
         """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
         opts = _options(self, q.shape[2], k.shape[2], causal, options)
-        m = self.mask(q.shape[2], k.shape[2], causal=causal, **opts).to(q.device)
+        m = self.mask(q.shape[2], k.shape[2], causal=causal, **self._heads(k.shape[1]), **opts).to(q.device)
+        if self.per_kv_head:  # [Hkv, T, S] -> [H, T, S]: a group's query heads share the pattern
+            m = m.repeat_interleave(q.shape[1] // k.shape[1], dim=0)
         return _reference.attention(q, k, v, m, scale=scale)
 
     def weights(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> Tensor:
@@ -166,6 +181,17 @@ MECHANISMS: list[Mechanism] = [
         lambda S: {"prefix": S // 3},
         layout=prefix_lm.block_layout,
     ),
+    Mechanism(
+        "strided_shard",
+        "S2-Attention, arXiv 2407.17678",
+        strided_shard.mask,
+        {"blocksparse": Impl(strided_shard.attention)},
+        strided_shard.check_options,
+        strided_shard.DEFAULTS,
+        example=lambda S: {"block_size": 4, "local_blocks": 2, "vert_stride": 3},
+        layout=strided_shard.block_layout,
+        per_kv_head=True,
+    ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
 
@@ -263,8 +289,9 @@ def attention_lse(
     return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True)
 
 
-def mask(mechanism: str, T: int, S: int, *, causal=False, **options) -> Tensor:
-    """The mechanism's dense boolean mask (True = allowed): [T, S], or [B, 1, T, S] when per-batch."""
+def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> Tensor:
+    """The mechanism's dense boolean mask (True = allowed): [T, S]; [B, 1, T, S] when per-batch;
+    [kv_heads, T, S] for per-head patterns (strided_shard)."""
     mech = get(mechanism)
     opts = _options(mech, T, S, causal, options)
-    return mech.mask(T, S, causal=causal, **opts)
+    return mech.mask(T, S, causal=causal, **mech._heads(kv_heads), **opts)

@@ -145,7 +145,7 @@ class Baselines:
 
                 B, H, Hkv, D = self.shape
                 q, k, v = _inputs(T, B, H, Hkv, D, self.dtype, False)
-                lay = registry.get(name).block_layout(T, T, causal=causal, **opts)
+                lay = registry.get(name).block_layout(T, T, causal=causal, kv_heads=Hkv, **opts)
                 mask = block_mask(lay, B, H, q.device)
                 self.cache[key] = time_call(lambda: flex_forward(q, k, v, mask, D**-0.5), budget=self.budget)
             except Exception as e:  # torch.compile needs a working C++ toolchain; say why it is absent
@@ -208,7 +208,8 @@ def _bench_row(row: Row, mech, opts: dict, base: Baselines, preset: str) -> None
     T, causal, mode = row.T, row.causal, row.mode
     t0 = time.perf_counter()
     # dense runs on SDPA; its density is analytic and it needs no layout
-    lay = mech.block_layout(T, T, causal=causal, **opts) if mech.layout and mech.name != "dense" else None
+    has_layout = mech.layout is not None and mech.name != "dense"
+    lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts) if has_layout else None
     build = base.cache.setdefault(("build", mech.name, T, causal), time.perf_counter() - t0)  # first (cold) build
     allowed = lay.allowed_count() if lay is not None else (T * (T + 1) // 2 if causal else T * T)
     row.density = allowed / (T * T)

@@ -177,3 +177,27 @@ def query_positions(T: int, S: int, block_q: int | None = None) -> tuple[Tensor,
     first = n * Bq + (S - T)
     last = torch.clamp((n + 1) * Bq, max=T) - 1 + (S - T)
     return first, last
+
+
+def layout_from_blocks(
+    visited: Tensor, full: Tensor, T: int, S: int, block: tuple[int, int], mask_mod: MaskMod
+) -> BlockLayout:
+    """A layout from block-level decisions a mechanism made itself (analytic rules, selections).
+
+    visited, full: bool [Bl, Hl, nQB, nKB]. ``full`` blocks run unmasked, so they must be allowed for
+    every real row and key; blocks holding padding keys are demoted to partial here.
+    """
+    Bl, Hl, nQB, nKB = visited.shape
+    Bq, Bk = block
+    full = full & visited
+    if S % Bk:
+        full = full.clone()
+        full[..., -1] = False
+    V = int(visited.sum(-1).max()) if visited.numel() else 0
+    cand = torch.arange(nKB).expand(Bl, Hl, nQB, nKB)
+    order = torch.where(visited, cand, nKB).sort(dim=-1).values[..., :V]  # visited ids first, ascending
+    keep = order < nKB
+    safe = order.clamp(max=nKB - 1)
+    kv_blocks = torch.where(keep, safe, -1)
+    partial = keep & ~full.gather(-1, safe)
+    return BlockLayout(T, S, Bq, Bk, kv_blocks, partial, mask_mod)

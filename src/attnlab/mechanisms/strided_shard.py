@@ -1,0 +1,159 @@
+"""S2-Attention: sparsely-sharded attention (Lin et al., "S2-Attention: Hardware-Aware Context
+Sharding Among Attention Heads", arXiv 2407.17678).
+
+Each kv head h keeps, at the granularity of ``block_size`` blocks, its ``local_blocks`` most recent
+blocks plus a vertical stripe of every ``vert_stride``-th block, shifted per head by
+``h * head_step`` so that the heads together cover the whole context. The last ``dense_heads`` kv
+heads are dense. With query position p = i + S - T (bottom-right), I = p // block_size and
+J = j // block_size, head h allows key j when
+
+    (|I - J| < local_blocks  or  (J + h * head_step) % vert_stride == 0)  and  (j <= p if causal)
+
+Stripes use *absolute* block ids (the paper's rule): later tokens reuse the same vertical blocks,
+so the pattern is KV-cache friendly. The spec's bidirectional variant measures stripes relative to
+the band; we keep the absolute rule for non-causal calls too, so the union over heads still covers
+everything (an ambiguity resolved in favour of the coverage property).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from attnlab.core import AttentionOutput, nonnegative_int, positive_int
+from attnlab.kernels import block_sparse_attention
+from attnlab.kernels.layout import layout_from_blocks
+
+DEFAULTS = {"block_size": 64, "local_blocks": 4, "vert_stride": 4, "head_step": None, "dense_heads": 0}
+
+
+def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
+    out = {
+        "block_size": positive_int("block_size", opts["block_size"]),
+        "local_blocks": positive_int("local_blocks", opts["local_blocks"]),
+        "vert_stride": positive_int("vert_stride", opts["vert_stride"]),
+        "dense_heads": nonnegative_int("dense_heads", opts["dense_heads"]),
+        "head_step": opts["head_step"],
+    }
+    if out["head_step"] is not None:
+        nonnegative_int("head_step", out["head_step"])
+    return out
+
+
+def _head_step(head_step: int | None, vert_stride: int, kv_heads: int) -> int:
+    return max(1, vert_stride // kv_heads) if head_step is None else head_step
+
+
+def _keep_blocks(I: Tensor, J: Tensor, h: Tensor, dense: Tensor, causal: bool, local: int, stride: int, step: int):
+    near = (I - J < local) if causal else ((I - J).abs() < local)
+    return near | ((J + h * step) % stride == 0) | dense
+
+
+def _mask_mod(T, S, causal, block_size, local_blocks, vert_stride, step, first_dense):
+    off = S - T
+
+    def strided_shard(b, h, q_idx, kv_idx):
+        p = q_idx + off
+        keep = _keep_blocks(
+            p // block_size, kv_idx // block_size, h, h >= first_dense, causal, local_blocks, vert_stride, step
+        )
+        return keep & (kv_idx <= p) & (p >= 0) if causal else keep & (p >= 0)
+
+    return strided_shard
+
+
+def mask(
+    T: int,
+    S: int,
+    *,
+    causal: bool = False,
+    kv_heads: int = 1,
+    block_size=64,
+    local_blocks=4,
+    vert_stride=4,
+    head_step=None,
+    dense_heads=0,
+) -> Tensor:
+    """bool [kv_heads, T, S]: one pattern per kv head (query heads of a group share it)."""
+    step = _head_step(head_step, vert_stride, kv_heads)
+    p = (torch.arange(T) + S - T).view(1, T, 1)
+    j = torch.arange(S).view(1, 1, S)
+    h = torch.arange(kv_heads).view(-1, 1, 1)
+    keep = _keep_blocks(
+        p // block_size, j // block_size, h, h >= kv_heads - dense_heads, causal, local_blocks, vert_stride, step
+    )
+    keep = keep & (p >= 0)
+    return keep & (j <= p) if causal else keep
+
+
+@functools.lru_cache(maxsize=64)
+def layout(
+    T: int,
+    S: int,
+    causal: bool,
+    kv_heads: int,
+    block_size: int,
+    local_blocks: int,
+    vert_stride: int,
+    head_step: int | None,
+    dense_heads: int,
+):
+    """The per-kv-head block layout [1, kv_heads, nQB, V], decided at block level (block = block_size)."""
+    beta, off = block_size, S - T
+    step = _head_step(head_step, vert_stride, kv_heads)
+    nQB, nKB = math.ceil(T / beta), math.ceil(S / beta)
+    rows = torch.arange(nQB)
+    p0 = rows * beta + off  # first and last key position of each query block
+    p1 = torch.clamp((rows + 1) * beta, max=T) - 1 + off
+    # A query block spans position blocks I0..I1 (two when S - T is not a multiple of beta).
+    I0, I1 = (p0.clamp(min=0) // beta).view(1, -1, 1), (p1.clamp(min=0) // beta).view(1, -1, 1)
+    J = torch.arange(nKB).view(1, 1, -1)
+    h = torch.arange(kv_heads).view(-1, 1, 1)
+    dense = h >= kv_heads - dense_heads
+    k0, k1 = (_keep_blocks(I, J, h, dense, causal, local_blocks, vert_stride, step) for I in (I0, I1))
+    visited = (k0 | k1) & (p1 >= 0).view(1, -1, 1)
+    full = k0 & k1 & (p0 >= 0).view(1, -1, 1)
+    if causal:
+        visited = visited & (J * beta <= p1.view(1, -1, 1))
+        full = full & ((J + 1) * beta - 1 <= p0.view(1, -1, 1))
+    mod = _mask_mod(T, S, causal, beta, local_blocks, vert_stride, step, kv_heads - dense_heads)
+    return layout_from_blocks(visited.unsqueeze(0), full.unsqueeze(0), T, S, (beta, beta), mod)
+
+
+def block_layout(
+    T: int,
+    S: int,
+    *,
+    causal: bool = False,
+    kv_heads: int = 1,
+    block_size=64,
+    local_blocks=4,
+    vert_stride=4,
+    head_step=None,
+    dense_heads=0,
+):
+    return layout(T, S, causal, kv_heads, block_size, local_blocks, vert_stride, head_step, dense_heads)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_size=64,
+    local_blocks=4,
+    vert_stride=4,
+    head_step=None,
+    dense_heads=0,
+) -> AttentionOutput:
+    if dense_heads > k.shape[1]:
+        raise ValueError(f"dense_heads must be <= the kv heads {k.shape[1]}, got {dense_heads}")
+    lay = layout(
+        q.shape[2], k.shape[2], causal, k.shape[1], block_size, local_blocks, vert_stride, head_step, dense_heads
+    )
+    return block_sparse_attention(q, k, v, lay, scale=scale)
