@@ -17,6 +17,7 @@ from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_causal, check_qkv, resolve_scale
 from attnlab.kernels import BlockLayout
 from attnlab.mechanisms import (
+    block_topk,
     dense,
     document,
     halo,
@@ -56,6 +57,9 @@ class Mechanism:
     axis_causal: bool = False  # causal may be a tuple of per-axis bools
     layout: Callable[..., BlockLayout] | None = None  # (T, S, *, causal, **options), mask mechanisms
     per_kv_head: bool = False  # mask and layout differ per kv head: they take kv_heads=
+    # Data-dependent mechanisms: select(q, k, *, causal, scale, **options) -> a selection with
+    # .layout and .dense_mask() ([B, Hkv, T, S]); the oracle runs under that same selection.
+    select: Callable | None = None
 
     def _heads(self, kv_heads: int | None) -> dict:
         return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}
@@ -71,9 +75,14 @@ class Mechanism:
     ) -> _reference.Reference:
         """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
         opts = _options(self, q.shape[2], k.shape[2], causal, options)
-        m = self.mask(q.shape[2], k.shape[2], causal=causal, **self._heads(k.shape[1]), **opts).to(q.device)
+        groups = q.shape[1] // k.shape[1]
+        if self.select is not None:
+            sel = opts.pop("selection", None) or self.select(q, k, causal=causal, scale=scale, **opts)
+            m = sel.dense_mask().repeat_interleave(groups, dim=1).to(q.device)  # [B, H, T, S]
+        else:
+            m = self.mask(q.shape[2], k.shape[2], causal=causal, **self._heads(k.shape[1]), **opts).to(q.device)
         if self.per_kv_head:  # [Hkv, T, S] -> [H, T, S]: a group's query heads share the pattern
-            m = m.repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+            m = m.repeat_interleave(groups, dim=0)
         return _reference.attention(q, k, v, m, scale=scale)
 
     def weights(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> Tensor:
@@ -192,6 +201,16 @@ MECHANISMS: list[Mechanism] = [
         layout=strided_shard.block_layout,
         per_kv_head=True,
     ),
+    Mechanism(
+        "block_topk",
+        "InfLLM-V2 (MiniCPM4, arXiv 2506.07900); HyLRA, arXiv 2602.00777",
+        block_topk.mask_for,
+        {"blocksparse": Impl(block_topk.attention)},
+        block_topk.check_options,
+        block_topk.DEFAULTS,
+        example=lambda S: {"block_size": 4, "top_k": 3, "init_blocks": 1, "local_blocks": 1},
+        select=block_topk.select,
+    ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
 
@@ -293,5 +312,7 @@ def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None =
     """The mechanism's dense boolean mask (True = allowed): [T, S]; [B, 1, T, S] when per-batch;
     [kv_heads, T, S] for per-head patterns (strided_shard)."""
     mech = get(mechanism)
+    if mech.select is not None:
+        raise ValueError(f"{mechanism}'s mask depends on q and k: use attnlab.get({mechanism!r}).select(q, k, ...)")
     opts = _options(mech, T, S, causal, options)
     return mech.mask(T, S, causal=causal, **mech._heads(kv_heads), **opts)

@@ -36,10 +36,21 @@ class _Group:
     b: int  # slice indices into the layout
     h: int
     items: Tensor  # [m] query block ids, unique
-    starts: Tensor  # [m] first key block of each run
-    length: int  # run length in key blocks
+    blocks: Tensor  # [m, L] key blocks each query block visits in this call, ascending
     masked: bool
-    step: int | None  # constant start increment (a strided view works), else None
+    step: int | None  # runs of consecutive blocks whose starts advance evenly: one strided view
+
+    @property
+    def length(self) -> int:
+        return self.blocks.shape[1]
+
+    @property
+    def starts(self) -> Tensor:
+        return self.blocks[:, 0]
+
+    def key_index(self, Bk: int) -> Tensor:
+        """Token index of every key in the call, [m, L * Bk]."""
+        return (self.blocks.unsqueeze(-1) * Bk + torch.arange(Bk)).flatten(1)
 
     @property
     def sel(self) -> slice | Tensor:
@@ -96,20 +107,48 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
     Bl, Hl = layout.kv_blocks.shape[:2]
     for b in range(Bl):
         for h in range(Hl):
-            n, ordinal, start, length, masked = _runs(layout.kv_blocks[b, h], layout.partial[b, h])
-            # A group holds each query block at most once (the ordinal), so its results can be
-            # written or merged with one indexed store.
-            V = layout.kv_blocks.shape[-1] + 1
-            key = (ordinal * (V + 1) + length) * 2 + masked.long()
-            for kval in torch.unique(key).tolist():
-                sel = key == kval
-                L, msk = (kval // 2) % (V + 1), bool(kval % 2)
-                items, starts = n[sel], start[sel]
-                per = max(1, _CHUNK_ELEMS // (L * layout.block_k * max(n_slices_rows, span_cost)))
-                for it, st in _evenly_spaced(items, starts):
-                    for c in range(0, len(it), per):
-                        groups.append(_Group(b, h, it[c : c + per], st[c : c + per], L, msk, _step(st[c : c + per])))
+            kvb, part = layout.kv_blocks[b, h], layout.partial[b, h]
+            runs = _run_groups(kvb, part)
+            gathered = sum(len(it) for it, bl, _ in runs if _step(bl[:, 0]) is None or bl.shape[1] == 0)
+            if gathered * 2 > sum(len(it) for it, _, _ in runs):
+                runs = _row_groups(kvb, part)  # scattered blocks: one gathered call per query block
+            for items, blocks, msk in runs:
+                per = max(1, _CHUNK_ELEMS // (blocks.shape[1] * layout.block_k * max(n_slices_rows, span_cost)))
+                for c in range(0, len(items), per):
+                    it, bl = items[c : c + per], blocks[c : c + per]
+                    step = _step(bl[:, 0]) if _is_run(bl) else None
+                    groups.append(_Group(b, h, it, bl, msk, step))
     return groups
+
+
+def _is_run(blocks: Tensor) -> bool:
+    return blocks.shape[1] <= 1 or bool((torch.diff(blocks, dim=1) == 1).all())
+
+
+def _run_groups(kvb: Tensor, part: Tensor) -> list[tuple[Tensor, Tensor, bool]]:
+    """Group runs of equal (ordinal, length, masked); split each into evenly spaced parts."""
+    n, ordinal, start, length, masked = _runs(kvb, part)
+    V = kvb.shape[-1] + 1
+    # A group holds each query block at most once (the ordinal), so its results can be written or
+    # merged with one indexed store.
+    key = (ordinal * (V + 1) + length) * 2 + masked.long()
+    out = []
+    for kval in torch.unique(key).tolist():
+        sel = key == kval
+        L, msk = (kval // 2) % (V + 1), bool(kval % 2)
+        for it, st in _evenly_spaced(n[sel], start[sel]):
+            out.append((it, st.unsqueeze(1) + torch.arange(L), msk))
+    return out
+
+
+def _row_groups(kvb: Tensor, part: Tensor) -> list[tuple[Tensor, Tensor, bool]]:
+    """Group whole query blocks by how many key blocks they visit; each call gathers them all."""
+    count = (kvb >= 0).sum(1)
+    out = []
+    for cnt in torch.unique(count[count > 0]).tolist():
+        items = (count == cnt).nonzero().flatten()
+        out.append((items, kvb[items, :cnt], bool(part[items, :cnt].any())))
+    return out
 
 
 def _get_plan(layout: BlockLayout, rows_cost: int, span_cost: int) -> tuple[list[_Group], dict]:
@@ -180,7 +219,7 @@ class _Ctx:
             sN, sS = xs.stride(0), xs.stride(1)
             off = xs.storage_offset() + int(g.starts[0]) * self.Bk * sS
             return xs.as_strided((xs.shape[0], m, span, xs.shape[2]), (sN, g.step * self.Bk * sS, sS, 1), off), None
-        idx = (g.starts.unsqueeze(1) * self.Bk + torch.arange(span)).flatten()
+        idx = g.key_index(self.Bk).flatten()
         return xs.index_select(1, idx).view(xs.shape[0], m, span, xs.shape[2]), idx
 
     def mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
@@ -201,7 +240,7 @@ class _Ctx:
 
     def _build_mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         q_idx = g.items.unsqueeze(1) * self.Bq + self.q_pos  # [m, rows]
-        kv_idx = g.starts.unsqueeze(1) * self.Bk + torch.arange(g.length * self.Bk)  # [m, span]
+        kv_idx = g.key_index(self.Bk)  # [m, span]
         bt, ht = torch.tensor(g.b), torch.tensor(g.h)
         allowed = self.layout.mask_mod(
             bt, ht, q_idx.clamp(max=self.T - 1).unsqueeze(2), kv_idx.clamp(max=self.S - 1).unsqueeze(1)
