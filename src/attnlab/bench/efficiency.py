@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab import registry
-from attnlab.bench.measure import PeakRSS, Timing, time_call
+from attnlab.bench.measure import PeakRSS, time_interleaved
 from attnlab.testing import check_mechanism
 
 PRESETS = {
@@ -26,7 +26,7 @@ PRESETS = {
     "full": {"lengths": (1024, 4096, 16384, 65536), "budget": 6.0},
 }
 # A configuration whose estimated time exceeds this many seconds is skipped (and reported as such).
-CONFIG_CAP_S = {"quick": 25.0, "full": 240.0}
+CONFIG_CAP_S = {"quick": 20.0, "full": 300.0}
 
 
 @dataclass
@@ -98,8 +98,12 @@ def _inputs(T: int, B: int, H: int, Hkv: int, D: int, dtype, grad: bool):
 
 def _call(fn, q, k, v, mode: str):
     if mode == "fwd":
-        with torch.no_grad():
-            return lambda: fn(q, k, v)
+
+        def forward():
+            with torch.no_grad():
+                fn(q, k, v)
+
+        return forward
 
     def step():
         out = fn(q, k, v)
@@ -109,48 +113,22 @@ def _call(fn, q, k, v, mode: str):
     return step
 
 
-def _measure(fn, q, k, v, mode: str, budget: float) -> tuple[Timing, int | None]:
-    step = _call(fn, q, k, v, mode)
-    timing = time_call(step, budget=budget)
-    with PeakRSS() as probe:
-        step()
-    return timing, probe.peak
+def _sdpa(causal: bool, gqa: bool):
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
 
-class Baselines:
-    """SDPA and Flex timings, measured once per (T, causal, mode) and shared by every mechanism."""
+def _flex_step(name: str, T: int, causal: bool, opts: dict, shape, q, k, v):
+    """A compiled FlexAttention forward under the same predicate, or the reason it cannot run."""
+    try:
+        from attnlab.kernels.flex import block_mask, flex_forward
 
-    def __init__(self, shape, dtype, budget, flex_names=()):
-        self.shape, self.dtype, self.budget, self.cache = shape, dtype, budget, {}
-        self.flex_names = tuple(flex_names)
-
-    def sdpa(self, T: int, causal: bool, mode: str) -> Timing:
-        key = ("sdpa", T, causal, mode)
-        if key not in self.cache:
-            B, H, Hkv, D = self.shape
-            q, k, v = _inputs(T, B, H, Hkv, D, self.dtype, mode != "fwd")
-
-            def fn(q, k, v):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hkv)
-
-            self.cache[key] = _measure(fn, q, k, v, mode, self.budget)[0]
-        return self.cache[key]
-
-    def flex(self, name: str, T: int, causal: bool, opts: dict) -> Timing | str:
-        """Compiled FlexAttention forward under the same predicate, or the reason it can't run."""
-        key = ("flex", name, T, causal)
-        if key not in self.cache:
-            try:
-                from attnlab.kernels.flex import block_mask, flex_forward
-
-                B, H, Hkv, D = self.shape
-                q, k, v = _inputs(T, B, H, Hkv, D, self.dtype, False)
-                lay = registry.get(name).block_layout(T, T, causal=causal, kv_heads=Hkv, **opts)
-                mask = block_mask(lay, B, H, q.device)
-                self.cache[key] = time_call(lambda: flex_forward(q, k, v, mask, D**-0.5), budget=self.budget)
-            except Exception as e:  # torch.compile needs a working C++ toolchain; say why it is absent
-                self.cache[key] = f"flex unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        return self.cache[key]
+        B, H, Hkv, D = shape
+        lay = registry.get(name).block_layout(T, T, causal=causal, kv_heads=Hkv, **opts)
+        mask = block_mask(lay, B, H, q.device)
+        flex_forward(q, k, v, mask, D**-0.5)  # compile outside the timed region
+        return lambda: flex_forward(q, k, v, mask, D**-0.5)
+    except Exception as e:  # torch.compile needs a C++ toolchain; Flex's CPU mask builder needs T*S memory
+        return f"flex unavailable: {type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
 
 
 def run(
@@ -170,8 +148,14 @@ def run(
     cfg = PRESETS[preset]
     lengths = lengths or cfg["lengths"]
     failures = gate(names)
-    base = Baselines(shape, dtype, cfg["budget"], flex)
-    B, H, Hkv, D = shape
+    ctx = {
+        "shape": shape,
+        "dtype": dtype,
+        "budget": cfg["budget"],
+        "preset": preset,
+        "flex": flex,
+        "flex_lengths": lengths if preset == "full" else (max(lengths),),
+    }
     plan = []
     for name in names:
         mech = registry.get(name)
@@ -191,7 +175,7 @@ def run(
         if failures[name]:
             row.note = f"FAILED correctness gate ({len(failures[name])} cases); speed not reported"
         else:
-            _bench_row(row, mech, opts, base, preset)
+            _bench_row(row, mech, opts, ctx)
         if progress:
             progress.advance(task)
     return rows, failures
@@ -203,44 +187,45 @@ def _short(v) -> str:
     return str(v)
 
 
-def _bench_row(row: Row, mech, opts: dict, base: Baselines, preset: str) -> None:
-    B, H, Hkv, D = base.shape
+def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
+    B, H, Hkv, D = ctx["shape"]
     T, causal, mode = row.T, row.causal, row.mode
+    has_layout = mech.layout is not None and mech.name != "dense"  # dense runs on SDPA, no layout
     t0 = time.perf_counter()
-    # dense runs on SDPA; its density is analytic and it needs no layout
-    has_layout = mech.layout is not None and mech.name != "dense"
     lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts) if has_layout else None
-    build = base.cache.setdefault(("build", mech.name, T, causal), time.perf_counter() - t0)  # first (cold) build
-    allowed = lay.allowed_count() if lay is not None else (T * (T + 1) // 2 if causal else T * T)
+    row.build_ms = (time.perf_counter() - t0) * 1e3 if lay is not None else None  # first build (cached after)
+    sdpa_area = T * (T + 1) / 2 if causal else T * T
+    allowed = lay.allowed_count() if lay is not None else sdpa_area
     row.density = allowed / (T * T)
-    sdpa = base.sdpa(T, causal, "fwd")
     factor = 3.5 if mode != "fwd" else 1.0
-    estimate = sdpa.median * max(row.density / (0.5 if causal else 1.0), 0.05) * factor * 5
-    if estimate > CONFIG_CAP_S[preset]:
-        row.note = f"skipped: estimated {estimate:.0f}s exceeds the {preset} preset's per-config cap"
+    # Skip what would not fit the preset: cold call + 3 repeats of both paths, at rough CPU rates.
+    estimate = 4 * factor * 4 * B * H * D * (sdpa_area / 1.2e11 + allowed / 6e10)
+    if estimate > CONFIG_CAP_S[ctx["preset"]]:
+        row.note = f"skipped: estimated {estimate:.0f}s exceeds the {ctx['preset']} preset's per-config cap"
         return
-    sdpa = base.sdpa(T, causal, mode)
-    q, k, v = _inputs(T, B, H, Hkv, D, base.dtype, mode != "fwd")
+    q, k, v = _inputs(T, B, H, Hkv, D, ctx["dtype"], mode != "fwd")
 
     def fn(q, k, v):
         return registry.attention(q, k, v, mech.name, causal=causal, **opts)
 
-    timing, peak = _measure(fn, q, k, v, mode, base.budget)
+    ours = _call(fn, q, k, v, mode)
+    base, timing = time_interleaved([_call(_sdpa(causal, H != Hkv), q, k, v, mode), ours], budget=ctx["budget"])
+    with PeakRSS() as probe:
+        ours()
     row.median_ms, row.spread, row.repeats = timing.median * 1e3, timing.spread, timing.repeats
-    row.build_ms = build * 1e3 if lay is not None else None
     row.gflops = 4 * B * H * D * allowed * factor / timing.median / 1e9
-    row.vs_sdpa = sdpa.median / timing.median
-    sdpa_area = T * (T + 1) / 2 if causal else T * T
+    row.vs_sdpa = base.median / timing.median
     row.ideal_vs_sdpa = sdpa_area / allowed if allowed else None
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
-    if peak is not None:
-        row.peak_mib, row.peak_vs_qkv = peak / 2**20, peak / qkv_bytes
-    if mode == "fwd" and mech.name in base.flex_names:
-        flex = base.flex(mech.name, T, causal, opts)
+    if probe.peak is not None:
+        row.peak_mib, row.peak_vs_qkv = probe.peak / 2**20, probe.peak / qkv_bytes
+    if mode == "fwd" and mech.name in ctx["flex"] and T in ctx["flex_lengths"]:
+        flex = _flex_step(mech.name, T, causal, opts, ctx["shape"], q, k, v)
         if isinstance(flex, str):
             row.note = flex
         else:
-            row.vs_flex = flex.median / timing.median
+            f_t, o_t = time_interleaved([flex, ours], budget=ctx["budget"])
+            row.vs_flex = f_t.median / o_t.median
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict]:

@@ -59,16 +59,30 @@ class Timing:
     first: float  # the cold first call: includes building and caching the layout
 
 
-def time_call(fn: Callable[[], object], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0) -> Timing:
-    """One cold call, one warm-up, then repeats until ``budget`` seconds or ``max_repeats``."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    fn()
-    times = []
-    while len(times) < min_repeats or (len(times) < max_repeats and sum(times) < budget):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+def _summary(times: list[float], first: float) -> Timing:
     med = statistics.median(times)
     return Timing(med, (max(times) - min(times)) / med if med else 0.0, len(times), first)
+
+
+def time_call(fn: Callable[[], object], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0) -> Timing:
+    """One cold call (also the warm-up), then repeats until ``budget`` seconds or ``max_repeats``."""
+    return time_interleaved([fn], min_repeats=min_repeats, max_repeats=max_repeats, budget=budget)[0]
+
+
+def time_interleaved(
+    fns: list[Callable[[], object]], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0
+) -> list[Timing]:
+    """Time several calls in alternation, ``a b a b ...``, so that machine drift (other load,
+    frequency changes) hits all of them alike and their ratio stays honest on a shared box."""
+    firsts = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        firsts.append(time.perf_counter() - t0)
+    times: list[list[float]] = [[] for _ in fns]
+    while len(times[0]) < min_repeats or (len(times[0]) < max_repeats and sum(map(sum, times)) < budget):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [_summary(ts, f) for ts, f in zip(times, firsts)]

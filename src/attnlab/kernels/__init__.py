@@ -8,6 +8,10 @@ path is ours (``kernels.cpu``); on CUDA the layout's predicate goes to FlexAtten
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+
+import torch
 from torch import Tensor
 
 from attnlab.core import AttentionOutput, equal_head_dims, resolve_scale
@@ -15,6 +19,16 @@ from attnlab.kernels.cpu import block_sparse_cpu
 from attnlab.kernels.layout import BlockLayout, MaskMod, block_size, block_sizes, build_layout
 
 __all__ = ["BlockLayout", "MaskMod", "block_size", "block_sizes", "build_layout", "block_sparse_attention"]
+
+
+_UNORDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unordered(layout: BlockLayout) -> BlockLayout:
+    """The same layout over already-permuted tokens; one object per layout so its plan is cached."""
+    if layout not in _UNORDERED:
+        _UNORDERED[layout] = dataclasses.replace(layout, order=None)
+    return _UNORDERED[layout]
 
 
 def block_sparse_attention(
@@ -25,6 +39,12 @@ def block_sparse_attention(
     scale = resolve_scale(scale, D)
     if (layout.T, layout.S) != (q.shape[2], k.shape[2]):
         raise ValueError(f"layout is for T={layout.T}, S={layout.S} but got T={q.shape[2]}, S={k.shape[2]}")
+    if layout.order is not None:
+        order = layout.order.to(q.device)
+        q, k, v = q[:, :, order], k[:, :, order], v[:, :, order]
+        out, lse = block_sparse_attention(q, k, v, _unordered(layout), scale=scale)
+        inverse = torch.argsort(order)
+        return AttentionOutput(out[:, :, inverse], lse[:, :, inverse])
     if q.device.type == "cuda":
         from attnlab.kernels.flex import flex_attention
 

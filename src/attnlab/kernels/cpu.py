@@ -87,11 +87,13 @@ def _step(starts: Tensor) -> int | None:
     return int(d[0]) if bool((d == d[0]).all()) and int(d[0]) >= 0 else None
 
 
-def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8):
+def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8, min_segment: int = 4):
     """Split a group so each part's starts advance evenly (one strided view per part).
 
     With query blocks smaller than key blocks, a window's first key block advances every p-th
-    query block; taking every p-th item makes the starts affine again.
+    query block, so taking every p-th item makes the starts affine again. Otherwise (grids in tile
+    order, where border tiles break the pattern) cut the group into maximal affine segments, and
+    gather what is left in segments shorter than ``min_segment``.
     """
     if _step(starts) is not None:
         return [(items, starts)]
@@ -99,7 +101,21 @@ def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8):
         parts = [(items[r::p], starts[r::p]) for r in range(p)]
         if all(_step(st) is not None for _, st in parts):
             return parts
-    return [(items, starts)]
+    parts, rest, i, m = [], [], 0, len(items)
+    while i < m:
+        j = i + 1
+        if j < m and starts[j] >= starts[i]:
+            d = starts[j] - starts[i]
+            while j + 1 < m and starts[j + 1] - starts[j] == d:
+                j += 1
+            j += 1
+        (parts if j - i >= min_segment else rest).append(torch.arange(i, j))
+        i = j
+    out = [(items[ix], starts[ix]) for ix in parts]
+    if rest:
+        ix = torch.cat(rest)
+        out.append((items[ix], starts[ix]))
+    return out
 
 
 def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Group]:

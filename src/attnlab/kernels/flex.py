@@ -28,6 +28,10 @@ def block_mask(layout: BlockLayout, B: int, H: int, device: torch.device | str, 
     Bl, Hl = layout.kv_blocks.shape[:2]
     groups = H // max(Hl, 1)
     mm = layout.mask_mod
+    if layout.order is not None:  # the predicate is written over tile-order positions
+        inv = torch.argsort(layout.order).to(device)
+        base = mm
+        mm = lambda b, h, q_idx, kv_idx: base(b, h, inv[q_idx], inv[kv_idx])  # noqa: E731
 
     def mask_mod(b, h, q_idx, kv_idx):
         b_ = b if Bl > 1 else torch.zeros_like(b)

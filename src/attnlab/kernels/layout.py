@@ -64,6 +64,9 @@ class BlockLayout:
     kv_blocks: Tensor
     partial: Tensor
     mask_mod: MaskMod
+    # Token order the layout is written in (self-attention over a grid): position t holds original
+    # token order[t]. The executor permutes q, k, v by it and restores the output. None = identity.
+    order: Tensor | None = None
 
     @property
     def n_q_blocks(self) -> int:

@@ -10,6 +10,7 @@ to the caller. Non-causal self-attention only.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, int_tuple, nonnegative_int, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.order import TileOrder, tile_sizes
 
 DEFAULTS = {"shape": None, "block_size": 8, "halo": 3}
 
@@ -54,19 +56,25 @@ def mask(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 
 
 @functools.lru_cache(maxsize=64)
 def layout(shape, b: int, h: int, block: tuple[int, int]):
+    """Block layout in tile order: halo blocks are the tiles, so a query block is a halo block."""
     T = shape[0] * shape[1]
+    tiles = TileOrder(shape, tile_sizes(shape, (b, b) if b >= 4 else None))
+    order = tiles.order
 
     def halo_mod(bt, ht, q_idx, kv_idx):
-        return _in_halo(q_idx, kv_idx, shape, b, h)
+        return _in_halo(order[q_idx], order[kv_idx], shape, b, h)
 
-    rows = torch.arange(T)
-    y0 = (rows // shape[1] // b) * b
-    lo, hi = torch.clamp(y0 - h, min=0) * shape[1], torch.clamp(y0 + b + h, max=shape[0]) * shape[1]
+    y, x = order // shape[1], order % shape[1]
+    y0, x0 = (y // b) * b, (x // b) * b
+    lo_c = [torch.clamp(y0 - h, min=0), torch.clamp(x0 - h, min=0)]
+    hi_c = [torch.clamp(y0 + b + h, max=shape[0]) - 1, torch.clamp(x0 + b + h, max=shape[1]) - 1]
+    lo, hi = tiles.box_range(lo_c, hi_c)
     Bq = block[0]
     pad = -T % Bq
     lo = torch.nn.functional.pad(lo, (0, pad), value=T).view(-1, Bq).amin(1)
     hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(-1, Bq).amax(1)
-    return build_layout(halo_mod, T, T, key_ranges=[(lo, hi)], block=block)
+    lay = build_layout(halo_mod, T, T, key_ranges=[(lo, hi)], block=block)
+    return dataclasses.replace(lay, order=order)
 
 
 def attention(

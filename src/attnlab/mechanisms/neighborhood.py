@@ -16,6 +16,7 @@ per-axis windows. ``causal`` may be one bool or one per axis.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, int_tuple
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.order import TileOrder, tile_sizes
 
 DEFAULTS = {"shape": None, "kernel_size": 7, "dilation": 1}
 
@@ -93,25 +95,30 @@ def mask(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1)
 
 @functools.lru_cache(maxsize=64)
 def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
+    """Block layout in tile order for 2-D/3-D grids (``BlockLayout.order``), row-major for 1-D."""
     T = math.prod(shape)
+    tiles = TileOrder(shape, tile_sizes(shape)) if len(shape) > 1 else None
+    order = tiles.order if tiles is not None else torch.arange(T)
 
     def neighborhood(b, h, q_idx, kv_idx):
-        return _neighbors(q_idx, kv_idx, shape, kernel, dilation, causal_axes)
+        return _neighbors(order[q_idx], order[kv_idx], shape, kernel, dilation, causal_axes)
 
-    # Each row's neighbourhood lies between the flat index of its lowest and highest corner.
-    rows = torch.arange(T)
-    lo = hi = 0
-    stride = T
-    for i, n, k, d, c in zip(_coords(rows, shape), shape, kernel, dilation, causal_axes):
-        stride //= n
+    # Each row's neighbourhood lies inside the box between its lowest and highest corner.
+    lo_c, hi_c = [], []
+    for i, n, k, d, c in zip(_coords(order, shape), shape, kernel, dilation, causal_axes):
         g, start, end = _axis_window(i, n, k, d, c)
-        lo = lo + (start * d + g) * stride
-        hi = hi + ((end - 1) * d + g) * stride
+        lo_c.append(start * d + g)
+        hi_c.append((end - 1) * d + g)
+    if tiles is not None:
+        lo, hi = tiles.box_range(lo_c, hi_c)
+    else:
+        lo, hi = lo_c[0], hi_c[0] + 1
     Bq = block[0]
     pad = -T % Bq
     lo = torch.nn.functional.pad(lo, (0, pad), value=T).view(-1, Bq).amin(1)
-    hi = torch.nn.functional.pad(hi + 1, (0, pad), value=0).view(-1, Bq).amax(1)
-    return build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block)
+    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(-1, Bq).amax(1)
+    lay = build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block)
+    return dataclasses.replace(lay, order=tiles.order) if tiles is not None else lay
 
 
 def attention(
