@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from attnlab import reference as _reference
@@ -23,6 +24,7 @@ from attnlab.mechanisms import (
     halo,
     neighborhood,
     prefix_lm,
+    region,
     sliding_window,
     streaming,
     strided_shard,
@@ -115,6 +117,13 @@ def _document_example(S: int) -> dict:
     third = max(1, S // 3)
     lengths = [n for n in (third, third, S - 2 * third) if n > 0]
     return {"lengths": tuple(lengths)}
+
+
+def _region_example(S: int) -> dict:
+    """Text (group 0) sees everything; two subjects (1, 2) see themselves and the text."""
+    groups = (torch.arange(S) * 3 // max(S, 1)).clamp(max=2)
+    rules = torch.tensor([[True, True, True], [True, True, False], [True, False, True]])
+    return {"groups": groups, "rules": rules}
 
 
 MECHANISMS: list[Mechanism] = [
@@ -210,6 +219,16 @@ MECHANISMS: list[Mechanism] = [
         block_topk.DEFAULTS,
         example=lambda S: {"block_size": 4, "top_k": 3, "init_blocks": 1, "local_blocks": 1},
         select=block_topk.select,
+    ),
+    Mechanism(
+        "region",
+        "layout-guided masks: AnyMS, MODA (multi-subject / layout-to-image attention control)",
+        region.mask,
+        {"blocksparse": Impl(region.attention)},
+        region.check_options,
+        region.DEFAULTS,
+        example=_region_example,
+        layout=region.block_layout,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

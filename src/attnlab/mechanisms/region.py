@@ -1,0 +1,105 @@
+"""Region (layout-guided) masks: token groups plus a rule table of which group may attend which.
+
+The pattern of layout-to-image and multi-subject generation, e.g. AnyMS and MODA-style attention
+control, where the image tokens of subject r (those inside its box) attend only to their own
+region and to their own text, while the text attends to everything. It generalizes ``document``
+(the identity rule table) to arbitrary group rules.
+
+``groups`` labels the S keys with group ids 0..G-1 (int [S] or [B, S]; default: one group); query row i belongs to the
+group of key position p = i + S - T (bottom-right, as everywhere). ``rules`` is a bool [G, G] table,
+``rules[a, b]`` = group a may attend group b; None means "only its own group". ``causal`` composes.
+Rows whose group may attend nothing output 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.core import AttentionOutput
+from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.layout import query_positions
+
+DEFAULTS = {"groups": None, "rules": None}
+
+
+def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
+    groups, rules = opts["groups"], opts["rules"]
+    if groups is None:  # the default: one group, i.e. plain (causal) attention
+        groups = torch.zeros(S, dtype=torch.long)
+    if not isinstance(groups, Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        got = type(groups).__name__
+        raise ValueError(f"groups must be an integer tensor of group ids, [S] or [B, S], got {got}")
+    if groups.dim() not in (1, 2) or groups.shape[-1] != S:
+        raise ValueError(f"groups must be [S={S}] or [B, S={S}], got shape {tuple(groups.shape)}")
+    if groups.numel() and int(groups.min()) < 0:
+        raise ValueError("groups ids must be >= 0")
+    n = int(groups.max()) + 1 if groups.numel() else 1
+    if rules is None:
+        rules = torch.eye(n, dtype=torch.bool)
+    square = isinstance(rules, Tensor) and rules.dim() == 2 and rules.shape[0] == rules.shape[1]
+    if not square or rules.dtype != torch.bool:
+        raise ValueError(f"rules must be a square bool tensor [G, G] (rules[a, b]: a may attend b), got {rules!r}")
+    if rules.shape[0] < n:
+        raise ValueError(f"rules is {tuple(rules.shape)} but groups uses ids up to {n - 1}")
+    return {"groups": groups, "rules": rules}
+
+
+def _ids(groups: Tensor) -> Tensor:
+    g = groups.to(device="cpu", dtype=torch.long)
+    return g.unsqueeze(0) if g.dim() == 1 else g  # [Bl, S]
+
+
+def mask(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor) -> Tensor:
+    """bool [T, S], or [B, 1, T, S] for per-batch groups."""
+    ids = _ids(groups)
+    p = torch.arange(T) + (S - T)
+    q_group = ids[:, p.clamp(min=0)]  # [Bl, T]
+    allowed = rules.cpu()[q_group.unsqueeze(2), ids.unsqueeze(1)] & (p >= 0).view(1, T, 1)
+    if causal:
+        allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))
+    return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
+
+
+def layout(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block=None):
+    block = block or block_sizes()
+    ids, table, off = _ids(groups), rules.cpu(), S - T
+
+    def region(b, h, q_idx, kv_idx):
+        p = q_idx + off
+        ok = table[ids[b, p.clamp(min=0)], ids[b, kv_idx]] & (p >= 0)
+        return ok & (kv_idx <= p) if causal else ok
+
+    # One key range per target group: from its first to its last token, kept only for query blocks
+    # holding a group that may attend it.
+    G, Bq = table.shape[0], block[0]
+    first_pos, last_pos = query_positions(T, S, Bq)
+    nQB = first_pos.shape[0]
+    pos = torch.arange(S).expand_as(ids)
+    lo_g = torch.full((ids.shape[0], G), S).scatter_reduce(1, ids, pos, "amin").amin(0)
+    hi_g = torch.zeros(ids.shape[0], G, dtype=torch.long).scatter_reduce(1, ids, pos + 1, "amax").amax(0)
+    rows = (torch.arange(nQB * Bq) + off).clamp(0, S - 1)
+    present = torch.zeros(nQB, G, dtype=torch.bool)
+    for b in range(ids.shape[0]):
+        present |= torch.nn.functional.one_hot(ids[b, rows], G).view(nQB, Bq, G).any(1)
+    reach = (present.float() @ table.float()) > 0  # [nQB, G]: target groups some row may attend
+    ranges = []
+    for g in range(G):
+        hi = torch.where(reach[:, g], hi_g[g], 0)
+        if causal:
+            hi = torch.minimum(hi, last_pos + 1)
+        ranges.append((torch.where(reach[:, g], lo_g[g], 0), hi))
+    return build_layout(region, T, S, key_ranges=ranges, batch=ids.shape[0], block=block)
+
+
+def block_layout(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor):
+    return layout(T, S, causal, groups, rules)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, groups: Tensor, rules: Tensor
+) -> AttentionOutput:
+    lay = layout(q.shape[2], k.shape[2], causal, groups, rules)
+    if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
+        raise ValueError(f"groups has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
+    return block_sparse_attention(q, k, v, lay, scale=scale)
