@@ -21,6 +21,7 @@ from attnlab.mechanisms import (
     block_topk,
     dense,
     document,
+    global_local,
     halo,
     neighborhood,
     prefix_lm,
@@ -62,6 +63,9 @@ class Mechanism:
     # Data-dependent mechanisms: select(q, k, *, causal, scale, **options) -> a selection with
     # .layout and .dense_mask() ([B, Hkv, T, S]); the oracle runs under that same selection.
     select: Callable | None = None
+    # Composites that are not one softmax under a mask (gated mixtures over pooled keys) bring their
+    # own dense oracle: oracle(q, k, v, *, causal, scale, **options) -> Reference.
+    oracle: Callable | None = None
 
     def _heads(self, kv_heads: int | None) -> dict:
         return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}
@@ -77,6 +81,8 @@ class Mechanism:
     ) -> _reference.Reference:
         """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
         opts = _options(self, q.shape[2], k.shape[2], causal, options)
+        if self.oracle is not None:
+            return self.oracle(q, k, v, causal=causal, scale=scale, **opts)
         groups = q.shape[1] // k.shape[1]
         if self.select is not None:
             sel = opts.pop("selection", None) or self.select(q, k, causal=causal, scale=scale, **opts)
@@ -230,6 +236,16 @@ MECHANISMS: list[Mechanism] = [
         example=_region_example,
         layout=region.block_layout,
     ),
+    Mechanism(
+        "global_local",
+        "UltraGen hierarchical attention, arXiv 2510.18775",
+        region.mask,  # unused: the oracle below mixes two dense attentions
+        {"composite": Impl(global_local.attention)},
+        global_local.check_options,
+        global_local.DEFAULTS,
+        example=lambda S: {"window": 5, "pool": 3, "gate": 0.3},
+        oracle=global_local.oracle,
+    ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
 
@@ -331,6 +347,8 @@ def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None =
     """The mechanism's dense boolean mask (True = allowed): [T, S]; [B, 1, T, S] when per-batch;
     [kv_heads, T, S] for per-head patterns (strided_shard)."""
     mech = get(mechanism)
+    if mech.oracle is not None:
+        raise ValueError(f"{mechanism} mixes several attentions and has no single mask")
     if mech.select is not None:
         raise ValueError(f"{mechanism}'s mask depends on q and k: use attnlab.get({mechanism!r}).select(q, k, ...)")
     opts = _options(mech, T, S, causal, options)

@@ -67,6 +67,23 @@ def _doc_lengths(T: int, seed: int = 0) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _regions(T: int) -> dict:
+    """A layout-to-image batch: T/8 text tokens, then an image grid with four subject boxes (the
+    quadrants' centres) on a background. Text and background see everything; subject r sees the
+    text and itself."""
+    text = T // 8
+    h, w = _grid(T - text) if T - text >= 4 else (1, T - text)
+    y, x = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
+    quadrant = 1 + (y >= h // 2).long() * 2 + (x >= w // 2).long()
+    inside = ((y % (h // 2 or 1)) >= h // 8) & ((x % (w // 2 or 1)) >= w // 8)
+    image = torch.where(inside, quadrant, 5).flatten()
+    groups = torch.cat([torch.zeros(text, dtype=torch.long), image, torch.full((T - text - image.numel(),), 5)])
+    rules = torch.eye(6, dtype=torch.bool)
+    rules[:, 0] = True
+    rules[0] = rules[5] = True
+    return {"groups": groups, "rules": rules}
+
+
 def bench_options(name: str, T: int) -> dict:
     """The configuration each mechanism is benchmarked with at length T (registry defaults where
     they make sense at any length)."""
@@ -80,6 +97,8 @@ def bench_options(name: str, T: int) -> dict:
         return {"prefix": T // 4}
     if name == "streaming":
         return {"sinks": 64, "window": 512}
+    if name == "region":
+        return _regions(T)
     return dict(registry.get(name).defaults)
 
 
@@ -184,6 +203,8 @@ def run(
 def _short(v) -> str:
     if isinstance(v, tuple) and len(v) > 4:
         return f"<{len(v)} docs>"
+    if isinstance(v, torch.Tensor):
+        return f"<tensor {tuple(v.shape)}>"
     return str(v)
 
 
@@ -191,11 +212,16 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     B, H, Hkv, D = ctx["shape"]
     T, causal, mode = row.T, row.causal, row.mode
     has_layout = mech.layout is not None and mech.name != "dense"  # dense runs on SDPA, no layout
+    q, k, v = _inputs(T, B, H, Hkv, D, ctx["dtype"], mode != "fwd")
     t0 = time.perf_counter()
-    lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts) if has_layout else None
+    if mech.select is not None:  # data-dependent: the layout of this input's selection
+        lay = mech.select(q, k, causal=causal, **opts).layout
+    else:
+        lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts) if has_layout else None
     row.build_ms = (time.perf_counter() - t0) * 1e3 if lay is not None else None  # first build (cached after)
     sdpa_area = T * (T + 1) / 2 if causal else T * T
-    allowed = lay.allowed_count() if lay is not None else sdpa_area
+    # allowed (q, k) pairs per head, averaged over the layout's batch / kv-head slices
+    allowed = lay.allowed_count() / math.prod(lay.kv_blocks.shape[:2]) if lay is not None else sdpa_area
     row.density = allowed / (T * T)
     factor = 3.5 if mode != "fwd" else 1.0
     # Skip what would not fit the preset: cold call + 3 repeats of both paths, at rough CPU rates.
@@ -203,7 +229,6 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     if estimate > CONFIG_CAP_S[ctx["preset"]]:
         row.note = f"skipped: estimated {estimate:.0f}s exceeds the {ctx['preset']} preset's per-config cap"
         return
-    q, k, v = _inputs(T, B, H, Hkv, D, ctx["dtype"], mode != "fwd")
 
     def fn(q, k, v):
         return registry.attention(q, k, v, mech.name, causal=causal, **opts)

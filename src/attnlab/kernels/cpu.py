@@ -29,6 +29,7 @@ from attnlab.kernels.layout import BlockLayout
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _CHUNK_ELEMS = 1 << 24  # bound on gathered-K and mask elements per kernel call
+_MAX_RUNS_PER_BLOCK = 4  # beyond this many runs per query block, gather instead of merging
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,13 @@ def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8, min_segme
         parts = [(items[r::p], starts[r::p]) for r in range(p)]
         if all(_step(st) is not None for _, st in parts):
             return parts
-    parts, rest, i, m = [], [], 0, len(items)
+    st = starts.tolist()
+    parts, rest, i, m = [], [], 0, len(st)
     while i < m:
         j = i + 1
-        if j < m and starts[j] >= starts[i]:
-            d = starts[j] - starts[i]
-            while j + 1 < m and starts[j + 1] - starts[j] == d:
+        if j < m and st[j] >= st[i]:
+            d = st[j] - st[i]
+            while j + 1 < m and st[j + 1] - st[j] == d:
                 j += 1
             j += 1
         (parts if j - i >= min_segment else rest).append(torch.arange(i, j))
@@ -124,10 +126,17 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
     for b in range(Bl):
         for h in range(Hl):
             kvb, part = layout.kv_blocks[b, h], layout.partial[b, h]
-            runs = _run_groups(kvb, part)
-            gathered = sum(len(it) for it, bl, _ in runs if _step(bl[:, 0]) is None or bl.shape[1] == 0)
-            if gathered * 2 > sum(len(it) for it, _, _ in runs):
-                runs = _row_groups(kvb, part)  # scattered blocks: one gathered call per query block
+            # Scattered blocks (stripes, selections): each extra run per query block costs a merge
+            # over the whole output, and uneven runs are copied anyway, so gather each query
+            # block's blocks into one call instead.
+            runs_info = _runs(kvb, part)
+            if len(runs_info[0]) > _MAX_RUNS_PER_BLOCK * max(int((kvb >= 0).any(1).sum()), 1):
+                runs = _row_groups(kvb, part)
+            else:
+                runs = _run_groups(*runs_info, kvb.shape[-1])
+                gathered = sum(len(it) for it, bl, _ in runs if _step(bl[:, 0]) is None)
+                if gathered * 2 > len(runs_info[0]):
+                    runs = _row_groups(kvb, part)
             for items, blocks, msk in runs:
                 per = max(1, _CHUNK_ELEMS // (blocks.shape[1] * layout.block_k * max(n_slices_rows, span_cost)))
                 for c in range(0, len(items), per):
@@ -141,10 +150,9 @@ def _is_run(blocks: Tensor) -> bool:
     return blocks.shape[1] <= 1 or bool((torch.diff(blocks, dim=1) == 1).all())
 
 
-def _run_groups(kvb: Tensor, part: Tensor) -> list[tuple[Tensor, Tensor, bool]]:
+def _run_groups(n, ordinal, start, length, masked, max_visits: int) -> list[tuple[Tensor, Tensor, bool]]:
     """Group runs of equal (ordinal, length, masked); split each into evenly spaced parts."""
-    n, ordinal, start, length, masked = _runs(kvb, part)
-    V = kvb.shape[-1] + 1
+    V = max_visits + 1
     # A group holds each query block at most once (the ordinal), so its results can be written or
     # merged with one indexed store.
     key = (ordinal * (V + 1) + length) * 2 + masked.long()

@@ -1,0 +1,153 @@
+"""Global-local mixture attention, after UltraGen's hierarchical attention (Hu et al., arXiv
+2510.18775): a local branch at full resolution plus a global branch over spatially compressed
+(average-pooled) keys and values, mixed by a gate:
+
+    out = gate * local + (1 - gate) * global
+
+* local: 1-D sequences use a sliding window (``window``); grids (``shape=(H, W)`` or ``(T, H, W)``)
+  use neighbourhood attention with ``kernel_size`` (UltraGen partitions frames into windows; the
+  NATTEN window is the overlapping generalization and keeps every query at the window's centre).
+* global: keys and values average-pooled by ``pool`` per axis (the last pool may be partial), one
+  softmax over the pooled tokens. Causal 1-D calls see a pooled token only once all of its members
+  are in the past (position p sees pooled block m when its last member <= p).
+* gate: a float in [0, 1] or a tensor broadcastable to [B, H, T, 1] (per head, per token); learn it
+  in a module and pass it in. 0.5 by default.
+
+UltraGen's global branch also runs depthwise convolutions and LoRA projections before attention;
+those belong to a layer and are left to the caller, as are its resize steps (we pool exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab import reference as _reference
+from attnlab.core import AttentionOutput, int_tuple, positive_int
+from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.layout import query_positions
+from attnlab.mechanisms import neighborhood, sliding_window
+
+DEFAULTS = {"shape": None, "window": 256, "kernel_size": 7, "pool": 8, "gate": 0.5}
+
+
+def check_options(T: int, S: int, causal, opts: dict) -> dict:
+    out = dict(opts)
+    shape = opts["shape"]
+    if shape is None:
+        out["pool"] = positive_int("pool", opts["pool"])
+        out["window"] = positive_int("window", opts["window"])
+    else:
+        if causal:
+            raise ValueError("global_local over a grid is bidirectional (UltraGen); call it with causal=False")
+        local = {"shape": shape, "kernel_size": opts["kernel_size"], "dilation": 1}
+        nb = neighborhood.check_options(T, S, False, local)
+        out["shape"], out["kernel_size"] = nb["shape"], nb["kernel_size"]
+        out["pool"] = int_tuple("pool", opts["pool"], len(nb["shape"]))
+    gate = opts["gate"]
+    if isinstance(gate, Tensor):
+        if gate.dim() > 4:
+            raise ValueError(f"gate must broadcast to [B, H, T, 1], got shape {tuple(gate.shape)}")
+    elif isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0.0 <= gate <= 1.0:
+        raise ValueError(f"gate must be a float in [0, 1] or a tensor, got {gate!r}")
+    return out
+
+
+def pool_kv(x: Tensor, shape, pool) -> Tensor:
+    """Average-pool the sequence axis of x [B, h, S, E]: by ``pool`` tokens (1-D) or by a per-axis
+    window over the grid ``shape`` (partial edge windows average what they hold)."""
+    B, h, S, E = x.shape
+    if shape is None:
+        n = math.ceil(S / pool)
+        sums = F.pad(x, (0, 0, 0, n * pool - S)).unflatten(2, (n, pool)).sum(3)
+        counts = torch.clamp(S - torch.arange(n, device=x.device) * pool, max=pool).view(1, 1, n, 1)
+        return sums / counts.to(x.dtype)
+    grid = x.permute(0, 1, 3, 2).reshape(B * h, E, *shape)
+    pooler = F.avg_pool2d if len(shape) == 2 else (F.avg_pool3d if len(shape) == 3 else F.avg_pool1d)
+    pooled = pooler(grid, pool, pool, ceil_mode=True, count_include_pad=False)
+    return pooled.reshape(B, h, E, -1).permute(0, 1, 3, 2)
+
+
+def _global_mask_mod(T: int, S: int, pool: int):
+    off = S - T
+
+    def global_causal(b, h, q_idx, kv_idx):  # kv_idx indexes pooled tokens
+        return torch.clamp((kv_idx + 1) * pool, max=S) - 1 <= q_idx + off
+
+    return global_causal
+
+
+@functools.lru_cache(maxsize=64)
+def _global_layout(T: int, S: int, pool: int, block: tuple[int, int]):
+    n = math.ceil(S / pool)
+    _, last = query_positions(T, S, block[0])
+    hi = torch.clamp((last + 1) // pool + 1, max=n)
+    return build_layout(_global_mask_mod(T, S, pool), T, n, key_ranges=[(torch.zeros_like(hi), hi)], block=block)
+
+
+def _global_mask(T: int, S: int, pool: int) -> Tensor:
+    n = math.ceil(S / pool)
+    last_member = torch.clamp((torch.arange(n) + 1) * pool, max=S) - 1
+    return last_member.view(1, n) <= (torch.arange(T) + S - T).view(T, 1)
+
+
+def _gate(gate, like: Tensor):
+    return gate.to(like.dtype) if isinstance(gate, Tensor) else gate
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    shape=None,
+    window: int = 256,
+    kernel_size=7,
+    pool=8,
+    gate=0.5,
+) -> AttentionOutput:
+    if shape is None:
+        local = sliding_window.attention(q, k, v, causal=causal, scale=scale, window=window).out
+    else:
+        local = neighborhood.attention(q, k, v, scale=scale, shape=shape, kernel_size=kernel_size).out
+    kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)
+    if causal:
+        lay = _global_layout(q.shape[2], k.shape[2], pool, block_sizes())
+        glob = block_sparse_attention(q, kp, vp, lay, scale=scale).out
+    else:
+        glob = F.scaled_dot_product_attention(q, kp, vp, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    g = _gate(gate, local)
+    return AttentionOutput(g * local + (1 - g) * glob, None)
+
+
+def oracle(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale=None,
+    shape=None,
+    window=256,
+    kernel_size=7,
+    pool=8,
+    gate=0.5,
+) -> _reference.Reference:
+    """Two dense oracles, one per branch, mixed by the gate (no single softmax, so no LSE)."""
+    T, S = q.shape[2], k.shape[2]
+    if shape is None:
+        local_mask = sliding_window.mask(T, S, causal=causal, window=window)
+    else:
+        local_mask = neighborhood.mask(T, S, shape=shape, kernel_size=kernel_size)
+    local = _reference.attention(q, k, v, local_mask, scale=scale).out
+    kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)
+    global_mask = _global_mask(T, S, pool) if causal else None
+    glob = _reference.attention(q, kp, vp, global_mask, scale=scale).out
+    g = _gate(gate, local)
+    return _reference.Reference(g * local + (1 - g) * glob, None, None)
