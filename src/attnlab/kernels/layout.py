@@ -204,3 +204,12 @@ def layout_from_blocks(
     kv_blocks = torch.where(keep, safe, -1)
     partial = keep & ~full.gather(-1, safe)
     return BlockLayout(T, S, Bq, Bk, kv_blocks, partial, mask_mod)
+
+
+def block_ranges(lo: Tensor, hi: Tensor, block_q: int) -> tuple[Tensor, Tensor]:
+    """Per-row key bounds [T] -> per-query-block bounds [nQB]: the union of its rows' ranges."""
+    pad = -lo.shape[0] % block_q
+    big = int(hi.max()) + 1 if hi.numel() else 1
+    lo = F.pad(lo, (0, pad), value=big).view(-1, block_q).amin(1)
+    hi = F.pad(hi, (0, pad), value=0).view(-1, block_q).amax(1)
+    return lo, hi

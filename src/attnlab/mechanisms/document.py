@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import query_positions
+from attnlab.kernels.layout import block_ranges, query_positions
 
 DEFAULTS = {"lengths": None, "document_ids": None}
 
@@ -72,7 +72,7 @@ def _mask_mod(ids: Tensor, offset: int, causal: bool):
 
 
 def _layout(ids: Tensor, T: int, S: int, causal: bool, block: tuple[int, int]):
-    first_pos, last_pos = query_positions(T, S, block[0])
+    _, last_pos = query_positions(T, S, block[0])
     # Each document's first and last key position bounds the keys a query in it can see.
     n_docs = int(ids.max()) - int(ids.min()) + 1
     doc = ids - ids.min()
@@ -83,11 +83,7 @@ def _layout(ids: Tensor, T: int, S: int, causal: bool, block: tuple[int, int]):
     row_doc = doc[:, rows.clamp(min=0)]
     row_lo = torch.where(rows >= 0, lo_doc.gather(1, row_doc), S).amin(0)  # [T] over the batch
     row_hi = torch.where(rows >= 0, hi_doc.gather(1, row_doc), 0).amax(0)
-    Bq = block[0]
-    n = first_pos.shape[0]
-    pad = n * Bq - T
-    lo = torch.nn.functional.pad(row_lo, (0, pad), value=S).view(n, Bq).amin(1)
-    hi = torch.nn.functional.pad(row_hi, (0, pad), value=0).view(n, Bq).amax(1)
+    lo, hi = block_ranges(row_lo, row_hi, block[0])
     if causal:
         hi = torch.minimum(hi, last_pos + 1)
     return build_layout(_mask_mod(ids, S - T, causal), T, S, key_ranges=[(lo, hi)], batch=ids.shape[0], block=block)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, int_tuple, nonnegative_int, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.layout import block_ranges
 from attnlab.kernels.order import TileOrder, tile_sizes
 
 DEFAULTS = {"shape": None, "block_size": 8, "halo": 3}
@@ -69,10 +70,7 @@ def layout(shape, b: int, h: int, block: tuple[int, int]):
     lo_c = [torch.clamp(y0 - h, min=0), torch.clamp(x0 - h, min=0)]
     hi_c = [torch.clamp(y0 + b + h, max=shape[0]) - 1, torch.clamp(x0 + b + h, max=shape[1]) - 1]
     lo, hi = tiles.box_range(lo_c, hi_c)
-    Bq = block[0]
-    pad = -T % Bq
-    lo = torch.nn.functional.pad(lo, (0, pad), value=T).view(-1, Bq).amin(1)
-    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(-1, Bq).amax(1)
+    lo, hi = block_ranges(lo, hi, block[0])
     lay = build_layout(halo_mod, T, T, key_ranges=[(lo, hi)], block=block)
     return dataclasses.replace(lay, order=order)
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, int_tuple
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
+from attnlab.kernels.layout import block_ranges
 from attnlab.kernels.order import TileOrder, tile_sizes
 
 DEFAULTS = {"shape": None, "kernel_size": 7, "dilation": 1}
@@ -113,10 +114,7 @@ def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
         lo, hi = tiles.box_range(lo_c, hi_c)
     else:
         lo, hi = lo_c[0], hi_c[0] + 1
-    Bq = block[0]
-    pad = -T % Bq
-    lo = torch.nn.functional.pad(lo, (0, pad), value=T).view(-1, Bq).amin(1)
-    hi = torch.nn.functional.pad(hi, (0, pad), value=0).view(-1, Bq).amax(1)
+    lo, hi = block_ranges(lo, hi, block[0])
     lay = build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block)
     return dataclasses.replace(lay, order=tiles.order) if tiles is not None else lay
 
