@@ -28,7 +28,7 @@ from attnlab.kernels.layout import BlockLayout
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-_CHUNK_ELEMS = 1 << 24  # bound on gathered-K and mask elements per kernel call
+_CHUNK_ELEMS = 1 << 22  # bound on gathered-K and mask elements per kernel call
 _MAX_RUNS_PER_BLOCK = 4  # beyond this many runs per query block, gather instead of merging
 
 
