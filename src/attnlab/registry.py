@@ -23,6 +23,7 @@ from attnlab.mechanisms import (
     document,
     global_local,
     halo,
+    multiscale,
     neighborhood,
     prefix_lm,
     region,
@@ -245,6 +246,16 @@ MECHANISMS: list[Mechanism] = [
         global_local.DEFAULTS,
         example=lambda S: {"window": 5, "pool": 3, "gate": 0.3},
         oracle=global_local.oracle,
+    ),
+    Mechanism(
+        "multiscale",
+        "hierarchical multi-scale attention: H-Transformer-1D arXiv 2107.11906; Focal arXiv 2107.00641",
+        multiscale.mask,
+        {"blocksparse": Impl(multiscale.attention)},
+        multiscale.check_options,
+        multiscale.DEFAULTS,
+        example=lambda S: {"window": 3, "pools": (2, 4)},
+        oracle=multiscale.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
