@@ -64,3 +64,13 @@ def test_bad_options(opts, match):
     q, k, v = torch.randn(3, 1, 1, 8, 4)
     with pytest.raises(ValueError, match=match):
         attnlab.attention(q, k, v, "region", **opts)
+
+
+def test_layout_is_cached_per_tensor_and_rebuilt_after_an_in_place_edit():
+    groups = torch.tensor([0, 0, 1, 1, 1, 0, 2, 2])
+    rules = torch.ones(3, 3, dtype=torch.bool)
+    mech = attnlab.get("region")
+    a = mech.block_layout(8, 8, groups=groups, rules=rules)
+    assert mech.block_layout(8, 8, groups=groups, rules=rules) is a
+    groups[0] = 2
+    assert mech.block_layout(8, 8, groups=groups, rules=rules) is not a

@@ -29,6 +29,7 @@ from attnlab.kernels.layout import BlockLayout
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _CHUNK_ELEMS = 1 << 22  # bound on gathered-K and mask elements per kernel call
+_MASK_CACHE_ELEMS = 1 << 25  # per plan: partial-block masks kept for reuse (128 MiB in fp32)
 _MAX_RUNS_PER_BLOCK = 4  # beyond this many runs per query block, gather instead of merging
 
 
@@ -249,8 +250,9 @@ class _Ctx:
     def mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         """Additive mask [1, m or 1, rows, span] and row-has-a-key [m, rows], or (None, None).
 
-        A mask shared by all of a group's blocks (translation-invariant patterns such as windows)
-        is small, so it is cached with the plan and reused by later calls and the backward.
+        Masks are cached with the plan, so later calls and the backward skip the predicate: always
+        when one mask serves the whole group (translation-invariant patterns such as windows), and
+        otherwise while the plan's cache holds fewer than ``_MASK_CACHE_ELEMS`` elements.
         """
         if not g.masked:
             return None, None
@@ -258,8 +260,10 @@ class _Ctx:
         if key in self._masks:
             return self._masks[key]
         add, has_key = self._build_mask(g, dtype)
-        if add.shape[1] == 1:
+        held = self._masks.setdefault("elements", 0)
+        if add.shape[1] == 1 or held + add.numel() <= _MASK_CACHE_ELEMS:
             self._masks[key] = (add, has_key)
+            self._masks["elements"] = held + add.numel()
         return add, has_key
 
     def _build_mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -213,3 +213,30 @@ def block_ranges(lo: Tensor, hi: Tensor, block_q: int) -> tuple[Tensor, Tensor]:
     lo = F.pad(lo, (0, pad), value=big).view(-1, block_q).amin(1)
     hi = F.pad(hi, (0, pad), value=0).view(-1, block_q).amax(1)
     return lo, hi
+
+
+class TensorKeyedCache:
+    """A small LRU for layouts built from tensor options (document ids, region groups).
+
+    Keyed by the tensors' identity and version counters, so passing the same ids to every layer of a
+    model builds the layout once, and an in-place edit of the ids rebuilds it. The cache holds the
+    tensors themselves, so an id is never reused by another tensor while its entry lives.
+    """
+
+    def __init__(self, size: int = 16):
+        self.size, self.entries = size, {}
+
+    @staticmethod
+    def _key(args: tuple) -> tuple:
+        return tuple((id(a), a._version, tuple(a.shape)) if isinstance(a, Tensor) else a for a in args)
+
+    def get(self, args: tuple, build: Callable[[], BlockLayout]) -> BlockLayout:
+        key = self._key(args)
+        if key in self.entries:
+            self.entries[key] = self.entries.pop(key)  # most recently used last
+            return self.entries[key][1]
+        value = build()
+        self.entries[key] = (args, value)
+        while len(self.entries) > self.size:
+            self.entries.pop(next(iter(self.entries)))
+        return value

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import block_ranges, query_positions
+from attnlab.kernels.layout import TensorKeyedCache, block_ranges, query_positions
 
 DEFAULTS = {"lengths": None, "document_ids": None}
 
@@ -94,11 +94,15 @@ def _layout_from_lengths(lengths: tuple[int, ...], T: int, S: int, causal: bool,
     return _layout(_ids(S, lengths, None), T, S, causal, block)
 
 
+_CACHE = TensorKeyedCache()
+
+
 def layout(T: int, S: int, causal: bool, lengths=None, document_ids=None, block=None):
     block = block or block_sizes()
     if lengths is not None:
         return _layout_from_lengths(tuple(lengths), T, S, causal, block)
-    return _layout(_ids(S, None, document_ids), T, S, causal, block)
+    build = lambda: _layout(_ids(S, None, document_ids), T, S, causal, block)  # noqa: E731
+    return _CACHE.get((T, S, causal, document_ids, block), build)
 
 
 def attention(

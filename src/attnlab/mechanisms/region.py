@@ -13,12 +13,14 @@ Rows whose group may attend nothing output 0.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from attnlab.core import AttentionOutput
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import query_positions
+from attnlab.kernels.layout import TensorKeyedCache, query_positions
 
 DEFAULTS = {"groups": None, "rules": None}
 
@@ -61,9 +63,27 @@ def mask(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor)
     return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
 
 
+_CACHE = TensorKeyedCache()
+
+
 def layout(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block=None):
     block = block or block_sizes()
-    ids, table, off = _ids(groups), rules.cpu(), S - T
+    return _CACHE.get((T, S, causal, groups, rules, block), lambda: _build(T, S, causal, groups, rules, block))
+
+
+def _build(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block: tuple[int, int]):
+    """The block layout. Non-causal self-attention with batch-shared groups runs with the tokens
+    sorted by group (``BlockLayout.order``): every allowed (group, group) pair becomes a contiguous
+    rectangle of mostly full blocks, however scattered the regions are in the image."""
+    ids = _ids(groups)
+    if not causal and T == S and ids.shape[0] == 1:
+        order = torch.argsort(ids[0], stable=True)
+        return dataclasses.replace(_layout(T, S, False, ids[:, order], rules.cpu(), block), order=order)
+    return _layout(T, S, causal, ids, rules.cpu(), block)
+
+
+def _layout(T: int, S: int, causal: bool, ids: Tensor, table: Tensor, block: tuple[int, int]):
+    off = S - T
 
     def region(b, h, q_idx, kv_idx):
         p = q_idx + off
