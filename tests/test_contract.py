@@ -13,7 +13,7 @@ from attnlab.testing import cases, compare_to_reference
 ALL_CASES = [(m.name, c) for m in registry.MECHANISMS for c in cases(m)]
 
 
-@pytest.mark.parametrize("blocks", [(8, 16), (16, 8)], ids=["bq8-bk16", "bq16-bk8"])
+@pytest.mark.parametrize("blocks", [(8, 16), (16, 8), (8, 8)], ids=["bq8-bk16", "bq16-bk8", "bq8-bk8"])
 @pytest.mark.parametrize(("name", "case"), ALL_CASES, ids=[f"{n}-{c}" for n, c in ALL_CASES])
 def test_fast_path_matches_oracle(name, case, blocks):
     q, k, v = case.inputs(seed=hash(str(case)) % 1000)

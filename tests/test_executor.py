@@ -101,3 +101,18 @@ def test_block_size_context_is_respected():
     assert (lay.block_q, lay.block_k) == (32, 16)
     lay = attnlab.get("sliding_window").block_layout(100, 100, causal=True, window=8)
     assert (lay.block_q, lay.block_k) == attnlab.kernels.block_sizes()
+
+
+def test_causal_staircases_run_as_squares_and_stay_exact():
+    from attnlab.kernels import cpu
+
+    with block_size(8, 8):
+        lay = attnlab.get("prefix_lm").block_layout(80, 80, causal=True, prefix=20)
+        plan = cpu._plan(lay, 1, 1)
+        assert any(g.square for g in plan)
+        q = torch.randn(2, 6, 80, 8, dtype=torch.float64)
+        k, v = torch.randn(2, 2, 2, 80, 8, dtype=torch.float64)
+        from attnlab.testing import compare_to_reference
+
+        assert not compare_to_reference("prefix_lm", q, k, v, causal=True, prefix=20)
+        assert not compare_to_reference("dense", q, k, v, impl="blocksparse", causal=True)

@@ -41,6 +41,10 @@ class _Group:
     blocks: Tensor  # [m, L] key blocks each query block visits in this call, ascending
     masked: bool
     step: int | None  # runs of consecutive blocks whose starts advance evenly: one strided view
+    # A causal square: consecutive query blocks and the same number of key blocks from blocks[0, 0],
+    # lower-triangular (the diagonal masks are exactly causal): one call with the kernel's own
+    # causal mode, which skips the upper half. Only for layouts shared by batch and heads.
+    square: bool = False
 
     @property
     def length(self) -> int:
@@ -131,6 +135,9 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
             # over the whole output, and uneven runs are copied anyway, so gather each query
             # block's blocks into one call instead.
             runs_info = _runs(kvb, part)
+            if Bl == Hl == 1 and layout.block_q == layout.block_k:
+                squares, runs_info = _staircases(layout, runs_info)
+                groups += squares
             if len(runs_info[0]) > _MAX_RUNS_PER_BLOCK * max(int((kvb >= 0).any(1).sum()), 1):
                 runs = _row_groups(kvb, part)
             else:
@@ -145,6 +152,62 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
                     step = _step(bl[:, 0]) if _is_run(bl) else None
                     groups.append(_Group(b, h, it, bl, msk, step))
     return groups
+
+
+def _staircases(layout: BlockLayout, runs_info):
+    """Find causal staircases among the runs and return (their groups, the runs left over).
+
+    A staircase is a stretch of consecutive query blocks n, each with a single run [s, n + c] of full
+    blocks ending in a partial diagonal block whose mask is exactly causal. It becomes an unmasked
+    call over the shared prefix [s, d0) plus one causal square call, instead of one masked call per
+    query block.
+    """
+    n, ordinal, start, length, masked = runs_info
+    kvb, part = layout.kv_blocks[0, 0], layout.partial[0, 0]
+    B = layout.block_q
+    off = layout.S - layout.T
+    single = torch.bincount(n, minlength=kvb.shape[0])[n] == 1
+    last = start + length - 1
+    # Only the last block of the run is partial, and it sits on the causal diagonal.
+    n_partial = part.sum(1)[n]
+    cand = single & (n_partial == 1) & part[n, length - 1] & (last * B == n * B + off)
+    if off % B or not bool(cand.any()):
+        return [], runs_info
+    idx = cand.nonzero().flatten()
+    diag_ok = _diagonal_is_causal(layout, n[idx], last[idx])
+    idx = idx[diag_ok]
+    groups, used = [], torch.zeros(len(n), dtype=torch.bool)
+    i = 0
+    items, starts = n[idx].tolist(), start[idx].tolist()
+    while i < len(idx):
+        j = i + 1
+        while j < len(idx) and items[j] == items[j - 1] + 1 and starts[j] == starts[i]:
+            j += 1
+        if j - i >= 2:
+            seg = torch.tensor(items[i:j])
+            d0 = int(last[idx[i]])
+            if d0 > starts[i]:  # the prefix every row of the stretch sees in full
+                blocks = (starts[i] + torch.arange(d0 - starts[i])).expand(len(seg), -1)
+                groups.append(_Group(0, 0, seg, blocks, False, 0))
+            diag = (d0 + torch.arange(len(seg))).unsqueeze(1)
+            groups.append(_Group(0, 0, seg, diag, False, None, square=True))
+            used[idx[i:j]] = True
+        i = j
+    keep = ~used
+    return groups, tuple(x[keep] for x in runs_info)
+
+
+def _diagonal_is_causal(layout: BlockLayout, items: Tensor, diag: Tensor) -> Tensor:
+    """Whether each diagonal block's mask equals j <= i (rows past T don't count). [m] bool."""
+    B, T, S = layout.block_q, layout.T, layout.S
+    r = torch.arange(B)
+    q_idx = items.view(-1, 1, 1) * B + r.view(1, -1, 1)
+    kv_idx = diag.view(-1, 1, 1) * B + r.view(1, 1, -1)
+    zero = torch.tensor(0)
+    allowed = layout.mask_mod(zero, zero, q_idx.clamp(max=T - 1), kv_idx.clamp(max=S - 1)) & (kv_idx < S)
+    tril = r.view(-1, 1) >= r.view(1, -1)
+    ok = (allowed == tril) | (q_idx >= T)
+    return ok.flatten(1).all(1)
 
 
 def _is_run(blocks: Tensor) -> bool:
@@ -247,6 +310,25 @@ class _Ctx:
         idx = g.key_index(self.Bk).flatten()
         return xs.index_select(1, idx).view(xs.shape[0], m, span, xs.shape[2]), idx
 
+    def square(self, x: Tensor, g: _Group) -> Tensor:
+        """A square group's rows from blocked x [B, Hkv, nQB, G*Bq, E] as [N, G, m*Bq, E]: the G
+        query heads become the call's heads, so causal rows stay in order."""
+        xs = x.flatten(0, 1)[:, g.sel]  # [N, m, G*Bq, E]
+        N, m, _, E = xs.shape
+        return xs.view(N, m, self.G, self.Bq, E).transpose(1, 2).reshape(N, self.G, m * self.Bq, E)
+
+    def unsquare(self, x: Tensor, g: _Group) -> Tensor:
+        """Inverse of ``square``: [N, G, m*Bq, E] -> [N, m, G*Bq, E]."""
+        N, _, L, E = x.shape
+        m = L // self.Bq
+        return x.view(N, self.G, m, self.Bq, E).transpose(1, 2).reshape(N, m, self.G * self.Bq, E)
+
+    def square_keys(self, x: Tensor, g: _Group) -> Tensor:
+        """The square's keys from padded x [B, Hkv, S_pad, E] as [N, G, m*Bk, E] (no copy)."""
+        k0, L = int(g.blocks[0, 0]) * self.Bk, len(g.items) * self.Bk
+        xs = x.flatten(0, 1)[:, k0 : k0 + L]
+        return xs.unsqueeze(1).expand(xs.shape[0], self.G, L, xs.shape[2])
+
     def mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         """Additive mask [1, m or 1, rows, span] and row-has-a-key [m, rows], or (None, None).
 
@@ -292,14 +374,19 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
     seen = torch.zeros(c.Bl, c.Hl, c.nQB, dtype=torch.bool)
     for g in c.plan:
         sel = g.sel
-        qs = _slice(qb, g.b, g.h, c.Bl, c.Hl)[:, sel]  # [N, m, rows, D]
-        kg, _ = c.keys(kp, g)
-        vg, _ = c.keys(vp, g)
-        add, has_key = c.mask(g, q.dtype)
-        o, lse_g = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
-        lse_g = lse_g.to(lse_dtype)
-        if has_key is not None and not bool(has_key.all()):
-            lse_g = lse_g.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
+        if g.square:
+            q_sq, k_sq, v_sq = c.square(qb, g), c.square_keys(kp, g), c.square_keys(vp, g)
+            o, lse_g = _flash(q_sq, k_sq, v_sq, 0.0, True, scale=c.scale)
+            o, lse_g = c.unsquare(o, g), c.unsquare(lse_g.unsqueeze(-1), g).squeeze(-1).to(lse_dtype)
+        else:
+            qs = _slice(qb, g.b, g.h, c.Bl, c.Hl)[:, sel]  # [N, m, rows, D]
+            kg, _ = c.keys(kp, g)
+            vg, _ = c.keys(vp, g)
+            add, has_key = c.mask(g, q.dtype)
+            o, lse_g = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
+            lse_g = lse_g.to(lse_dtype)
+            if has_key is not None and not bool(has_key.all()):
+                lse_g = lse_g.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
         o_s, l_s = _slice(out, g.b, g.h, c.Bl, c.Hl), _slice(lse, g.b, g.h, c.Bl, c.Hl)
         before = seen[g.b, g.h, sel]
         if bool(before.any()):
@@ -329,12 +416,23 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     dq = torch.zeros(qb.shape, dtype=acc)
     dk = torch.zeros(kp.shape, dtype=acc)
     dv = torch.zeros(vp.shape, dtype=acc)
+    lse_acc = torch.float32 if acc == torch.float32 else acc
     for g in c.plan:
         sl, sel = (g.b, g.h, c.Bl, c.Hl), g.sel
+        if g.square:
+            gq, gk, gv = _flash_bwd(
+                c.square(dob, g), c.square(qb, g), c.square_keys(kp, g), c.square_keys(vp, g), c.square(ob, g),
+                c.square(lb.unsqueeze(-1), g).squeeze(-1).to(lse_acc), 0.0, True, scale=c.scale,
+            )  # fmt: skip
+            _slice(dq, *sl)[:, sel] += c.unsquare(gq, g).to(acc)
+            k0 = int(g.blocks[0, 0]) * c.Bk
+            for dst, grad in ((dk, gk), (dv, gv)):  # the G query heads shared one kv head
+                _slice(dst, *sl)[:, k0 : k0 + grad.shape[2]] += grad.sum(1).to(acc)
+            continue
         kg, idx = c.keys(kp, g)
         vg, _ = c.keys(vp, g)
         add, _ = c.mask(g, q.dtype)
-        lse_g = _slice(lb, *sl)[:, sel].to(torch.float32 if acc == torch.float32 else acc)
+        lse_g = _slice(lb, *sl)[:, sel].to(lse_acc)
         gq, gk, gv = _flash_bwd(
             _slice(dob, *sl)[:, sel], _slice(qb, *sl)[:, sel], kg, vg, _slice(ob, *sl)[:, sel], lse_g,
             0.0, False, attn_mask=add, scale=c.scale,
