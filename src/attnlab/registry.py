@@ -256,6 +256,7 @@ MECHANISMS: list[Mechanism] = [
         multiscale.DEFAULTS,
         example=lambda S: {"window": 3, "pools": (2, 4)},
         oracle=multiscale.oracle,
+        layout=multiscale.block_layout,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

@@ -220,9 +220,11 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
         lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts) if has_layout else None
     row.build_ms = (time.perf_counter() - t0) * 1e3 if lay is not None else None  # first build (cached after)
     sdpa_area = T * (T + 1) / 2 if causal else T * T
-    # allowed (q, k) pairs per head, averaged over the layout's batch / kv-head slices
+    # allowed (q, k) pairs per head, averaged over the layout's batch / kv-head slices; a composite
+    # without one layout (a gated mixture of branches) has no single density
+    composite = mech.oracle is not None and lay is None
     allowed = lay.allowed_count() / math.prod(lay.kv_blocks.shape[:2]) if lay is not None else sdpa_area
-    row.density = allowed / (T * T)
+    row.density = None if composite else allowed / (T * T)
     factor = 3.5 if mode != "fwd" else 1.0
     # Skip what would not fit the preset: cold call + 3 repeats of both paths, at rough CPU rates.
     estimate = 4 * factor * 4 * B * H * D * (sdpa_area / 1.2e11 + allowed / 6e10)
@@ -238,9 +240,10 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     with PeakRSS() as probe:
         ours()
     row.median_ms, row.spread, row.repeats = timing.median * 1e3, timing.spread, timing.repeats
-    row.gflops = 4 * B * H * D * allowed * factor / timing.median / 1e9
     row.vs_sdpa = base.median / timing.median
-    row.ideal_vs_sdpa = sdpa_area / allowed if allowed else None
+    if not composite:
+        row.gflops = 4 * B * H * D * allowed * factor / timing.median / 1e9
+        row.ideal_vs_sdpa = sdpa_area / allowed if allowed else None
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     if probe.peak is not None:
         row.peak_mib, row.peak_vs_qkv = probe.peak / 2**20, probe.peak / qkv_bytes

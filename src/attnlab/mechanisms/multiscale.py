@@ -117,6 +117,11 @@ def layout(T: int, S: int, causal: bool, window: int, pools: tuple[int, ...], bl
     return build_layout(_mask_mod(T, S, causal, window, pools), T, total, key_ranges=ranges, block=block)
 
 
+def block_layout(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 64)):
+    """The layout over the raw-then-pooled key axis (a pooled key counts as one key)."""
+    return layout(T, S, causal, window, tuple(pools), block_sizes())
+
+
 def mask(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 64)) -> Tensor:
     """bool [T, S + sum_l ceil(S / f_l)] over the raw-then-pooled key axis, written per token: find
     each key's coarsest far level directly."""
