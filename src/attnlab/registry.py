@@ -28,6 +28,7 @@ from attnlab.mechanisms import (
     prefix_lm,
     region,
     sliding_window,
+    span_search,
     streaming,
     strided_shard,
 )
@@ -257,6 +258,17 @@ MECHANISMS: list[Mechanism] = [
         example=lambda S: {"window": 3, "pools": (2, 4)},
         oracle=multiscale.oracle,
         layout=multiscale.block_layout,
+    ),
+    Mechanism(
+        "span_search",
+        "Superlinear multi-step attention (N=2 jump search), arXiv 2601.18401",
+        multiscale.mask,  # unused: the oracle builds the per-(t, j) masks itself
+        {"chunked": Impl(span_search.attention)},
+        span_search.check_options,
+        span_search.DEFAULTS,
+        frozenset({"self_causal", "cross_causal"}),
+        example=lambda S: {"num_spans": 2, "sw_index": 1, "backward_factor": 1.0, "forward_factor": 0.5},
+        oracle=span_search.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
