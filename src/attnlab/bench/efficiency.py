@@ -26,7 +26,7 @@ PRESETS = {
     "full": {"lengths": (1024, 4096, 16384, 65536), "budget": 6.0},
 }
 # A configuration whose estimated time exceeds this many seconds is skipped (and reported as such).
-CONFIG_CAP_S = {"quick": 15.0, "full": 300.0}
+CONFIG_CAP_S = {"quick": 12.0, "full": 300.0}
 
 
 @dataclass
