@@ -21,6 +21,7 @@ from attnlab.mechanisms import (
     block_topk,
     dense,
     document,
+    dynamic_hierarchical,
     global_local,
     halo,
     multiscale,
@@ -88,7 +89,9 @@ class Mechanism:
         groups = q.shape[1] // k.shape[1]
         if self.select is not None:
             sel = opts.pop("selection", None) or self.select(q, k, causal=causal, scale=scale, **opts)
-            m = sel.dense_mask().repeat_interleave(groups, dim=1).to(q.device)  # [B, H, T, S]
+            m = sel.dense_mask().to(q.device)  # [B, Hkv or 1, T, S]
+            if m.shape[1] > 1:
+                m = m.repeat_interleave(groups, dim=1)  # -> [B, H, T, S]
         else:
             m = self.mask(q.shape[2], k.shape[2], causal=causal, **self._heads(k.shape[1]), **opts).to(q.device)
         if self.per_kv_head:  # [Hkv, T, S] -> [H, T, S]: a group's query heads share the pattern
@@ -269,6 +272,17 @@ MECHANISMS: list[Mechanism] = [
         frozenset({"self_causal", "cross_causal"}),
         example=lambda S: {"num_spans": 2, "sw_index": 1, "backward_factor": 1.0, "forward_factor": 0.5},
         oracle=span_search.oracle,
+    ),
+    Mechanism(
+        "dynamic_hierarchical",
+        "DHSA, arXiv 2510.24606",
+        span_search.oracle,  # unused: data-dependent, the oracle runs under select()'s mask
+        {"blocksparse": Impl(dynamic_hierarchical.attention)},
+        dynamic_hierarchical.check_options,
+        dynamic_hierarchical.DEFAULTS,
+        frozenset({"self_causal", "cross_causal"}),
+        example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
+        select=dynamic_hierarchical.select,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

@@ -1,0 +1,100 @@
+"""DHSA: the selection rule by loops, the boundary rule against a materialized attention map,
+budgets, and the oracle under boundary chunking."""
+
+import math
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.mechanisms import dynamic_hierarchical as dhsa
+from attnlab.testing import compare_to_reference
+
+
+def brute_mask(q, k, starts, budget, local, sinks):
+    """The docstring's rule token by token (one batch row)."""
+    T, S = q.shape[2], k.shape[2]
+    chunk = [max(i for i, s in enumerate(starts) if s <= j) for j in range(S)]
+    Nc = len(starts)
+    sizes = [chunk.count(c) for c in range(Nc)]
+    kbar = [math.sqrt(sizes[c]) * k[0, :, [j for j in range(S) if chunk[j] == c]].mean((0, 1)) for c in range(Nc)]
+    m = torch.zeros(T, S, dtype=torch.bool)
+    for i in range(T):
+        p = i + S - T
+        if p < 0:
+            continue
+        u = chunk[p]
+        rows = [r for r in range(T) if r + S - T >= 0 and chunk[r + S - T] == u]
+        qbar = math.sqrt(len(rows)) * q[0][:, rows].mean((0, 1))
+        score = [float(qbar @ kbar[c]) for c in range(Nc)]
+        loc = [j for j in range(S) if p - local < j <= p]
+        snk = [j for j in range(min(sinks, S)) if j <= p and j not in loc]
+        rest = [j for j in range(S) if sinks <= j <= p - local]
+        rest.sort(key=lambda j: (-score[chunk[j]], -chunk[j], -j))
+        room = max(0, budget - len(loc) - len(snk))
+        for j in loc + snk + rest[:room]:
+            m[i, j] = True
+    return m
+
+
+@pytest.mark.parametrize(("T", "S"), [(40, 40), (17, 40)])
+def test_selection_rule_by_loops(T, S):
+    torch.manual_seed(T)
+    q = torch.randn(1, 2, T, 4, dtype=torch.float64)
+    k = torch.randn(1, 2, S, 4, dtype=torch.float64)
+    opts = {"chunking": "fixed", "chunk_size": 6, "budget": 13, "local": 3, "sinks": 2}
+    sel = dhsa.select(q, k, **opts)
+    assert torch.equal(sel.dense_mask()[0, 0], brute_mask(q, k, list(range(0, S, 6)), 13, 3, 2))
+
+
+def test_boundary_rule_against_the_materialized_map():
+    torch.manual_seed(1)
+    T, w = 48, 2
+    q = torch.randn(1, 2, T, 8, dtype=torch.float64)
+    k = torch.randn(1, 2, T, 8, dtype=torch.float64)
+    opts = {**dhsa.DEFAULTS, "boundary_window": w, "threshold": 1.05, "nms_window": 3, "max_chunks": 6}
+    got = dhsa._boundaries(q, k, 8**-0.5, opts)[0].tolist()
+    A = attnlab.reference.attention(q, k, k, causal=True).weights.mean(1)[0]  # [T, T]
+    ratios = {}
+    for c in range(w - 1, T - w - 1):
+        past = A[c + w + 1 :, c - w + 1 : c + 1].sum()
+        fut = A[c + w + 1 :, c + 1 : c + w + 1].sum()
+        ratios[c] = float((max(past, fut) + 1e-6) / (min(past, fut) + 1e-6))
+    keep = []
+    for c in sorted(ratios, key=lambda c: -ratios[c]):
+        if ratios[c] <= 1.05 or len(keep) >= 5:
+            break
+        if all(abs(c - x) >= 3 for x in keep):
+            keep.append(c)
+    assert len(got) > 1 and got == sorted({0, *(c + 1 for c in keep)})
+
+
+def test_full_budget_is_dense_and_boundary_chunking_matches_oracle():
+    q = torch.randn(1, 4, 60, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 60, 8, dtype=torch.float64)
+    out = attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True, budget=60, local=4, sinks=2)
+    torch.testing.assert_close(out, attnlab.attention(q, k, v, causal=True))
+    opts = {"budget": 20, "local": 4, "sinks": 2, "chunk_size": 8, "boundary_window": 2, "threshold": 1.0}
+    assert not compare_to_reference("dynamic_hierarchical", q, k, v, causal=True, **opts)
+
+
+@pytest.mark.parametrize(
+    ("opts", "causal", "match"),
+    [
+        ({}, False, "causal"),
+        ({"chunking": "x"}, True, "chunking must be"),
+        ({"budget": 0}, True, "budget must be"),
+        ({"threshold": 0.5}, True, "threshold must be a number >= 1"),
+    ],
+)
+def test_bad_options(opts, causal, match):
+    q, k, v = torch.randn(3, 1, 1, 16, 4)
+    with pytest.raises(ValueError, match=match):
+        attnlab.attention(q, k, v, "dynamic_hierarchical", causal=causal, **opts)
+
+
+def test_boundary_chunking_needs_self_attention():
+    q = torch.randn(1, 1, 8, 4)
+    k, v = torch.randn(2, 1, 1, 16, 4)
+    with pytest.raises(ValueError, match="chunking='boundary' needs self-attention"):
+        attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True)
