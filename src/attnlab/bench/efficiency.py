@@ -244,7 +244,11 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     if 4 * cold > CONFIG_CAP_S[ctx["preset"]]:
         row.note = f"skipped: one call took {cold:.1f}s, over the {ctx['preset']} preset's per-config cap"
         return
-    base, timing = time_interleaved([_call(_sdpa(causal, H != Hkv), q, k, v, mode), ours], budget=ctx["budget"])
+    # Large configurations (> 1 s a call pair) take the median of two repeats, small ones of >= 3.
+    repeats = 2 if estimate / 4 > 1.0 else 3
+    base, timing = time_interleaved(
+        [_call(_sdpa(causal, H != Hkv), q, k, v, mode), ours], budget=ctx["budget"], min_repeats=repeats
+    )
     with PeakRSS() as probe:
         ours()
     row.median_ms, row.spread, row.repeats = timing.median * 1e3, timing.spread, timing.repeats
