@@ -54,7 +54,9 @@ class Impl:
 class Mechanism:
     name: str
     paper: str
-    mask: Callable[..., Tensor]  # (T, S, *, causal, **options) -> bool [T,S] or [B,1,T,S]
+    mask: (
+        Callable[..., Tensor] | None
+    )  # (T, S, *, causal, **options) -> bool [T,S] / [B,1,T,S]; None if data-dependent or no single mask
     impls: dict[str, Impl]  # fastest first: impl="auto" takes the first that supports the call
     check_options: Callable[[int, int, object, dict], dict]
     defaults: dict = field(default_factory=dict)
@@ -244,7 +246,7 @@ MECHANISMS: list[Mechanism] = [
     Mechanism(
         "global_local",
         "UltraGen hierarchical attention, arXiv 2510.18775",
-        region.mask,  # unused: the oracle below mixes two dense attentions
+        None,  # no single mask: the oracle mixes two dense attentions
         {"composite": Impl(global_local.attention)},
         global_local.check_options,
         global_local.DEFAULTS,
@@ -265,7 +267,7 @@ MECHANISMS: list[Mechanism] = [
     Mechanism(
         "span_search",
         "Superlinear multi-step attention (N=2 jump search), arXiv 2601.18401",
-        multiscale.mask,  # unused: the oracle builds the per-(t, j) masks itself
+        None,  # one mask per span slot: the oracle builds them
         {"chunked": Impl(span_search.attention)},
         span_search.check_options,
         span_search.DEFAULTS,
@@ -276,7 +278,7 @@ MECHANISMS: list[Mechanism] = [
     Mechanism(
         "dynamic_hierarchical",
         "DHSA, arXiv 2510.24606",
-        span_search.oracle,  # unused: data-dependent, the oracle runs under select()'s mask
+        None,  # data-dependent: the oracle runs under select()'s mask
         {"blocksparse": Impl(dynamic_hierarchical.attention)},
         dynamic_hierarchical.check_options,
         dynamic_hierarchical.DEFAULTS,
@@ -385,9 +387,9 @@ def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None =
     """The mechanism's dense boolean mask (True = allowed): [T, S]; [B, 1, T, S] when per-batch;
     [kv_heads, T, S] for per-head patterns (strided_shard)."""
     mech = get(mechanism)
-    if mech.oracle is not None:
-        raise ValueError(f"{mechanism} mixes several attentions and has no single mask")
     if mech.select is not None:
         raise ValueError(f"{mechanism}'s mask depends on q and k: use attnlab.get({mechanism!r}).select(q, k, ...)")
+    if mech.mask is None:
+        raise ValueError(f"{mechanism} mixes several attentions and has no single mask")
     opts = _options(mech, T, S, causal, options)
     return mech.mask(T, S, causal=causal, **mech._heads(kv_heads), **opts)
