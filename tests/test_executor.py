@@ -1,5 +1,7 @@
 """The block-sparse executor: exact block classification, exact merges, no T x S tensors, linear memory."""
 
+import weakref
+
 import torch
 
 import attnlab
@@ -48,7 +50,8 @@ def test_merge_lse_is_exact_and_handles_empty_sides():
 
 def test_no_fast_path_materializes_t_by_s(monkeypatch):
     # Gathers and masks are chunked to a fixed element budget; shrink it so T*S would stand out.
-    monkeypatch.setattr(attnlab.kernels.cpu, "_CHUNK_ELEMS", 1 << 16)
+    monkeypatch.setattr(attnlab.kernels.plan, "_CHUNK_ELEMS", 1 << 16)
+    monkeypatch.setattr(attnlab.kernels.plan, "_plans", weakref.WeakKeyDictionary())  # plan afresh
     T = 2048
     q = torch.randn(1, 2, T, 16, requires_grad=True)
     k, v = (torch.randn(1, 1, T, 16, requires_grad=True) for _ in range(2))
@@ -104,11 +107,11 @@ def test_block_size_context_is_respected():
 
 
 def test_causal_staircases_run_as_squares_and_stay_exact():
-    from attnlab.kernels import cpu
+    from attnlab.kernels import plan as plan_mod
 
     with block_size(8, 8):
         lay = attnlab.get("prefix_lm").block_layout(80, 80, causal=True, prefix=20)
-        plan = cpu._plan(lay, 1, 1)
+        plan = plan_mod._plan(lay, 1, 1)
         assert any(g.square for g in plan)
         q = torch.randn(2, 6, 80, 8, dtype=torch.float64)
         k, v = torch.randn(2, 2, 2, 80, 8, dtype=torch.float64)
