@@ -92,3 +92,46 @@ def test_prefix_lm_and_dense(shape, blk, data):
         assert not compare_to_reference("prefix_lm", q, k, v, causal=True, prefix=prefix)
         assert not compare_to_reference("dense", q, k, v, impl="blocksparse", causal=data.draw(st.booleans()))
     assert attnlab.attention(q, k, v, "prefix_lm", causal=True, prefix=S).shape == (B, H, T, Dv)
+
+
+@SETTINGS
+@given(shape=shapes, data=st.data())
+def test_strided_shard(shape, data):
+    B, (H, Hkv), T, S, D, Dv, seed = shape
+    opts = {
+        "block_size": data.draw(st.integers(1, 8)),
+        "local_blocks": data.draw(st.integers(1, 4)),
+        "vert_stride": data.draw(st.integers(1, 5)),
+        "dense_heads": data.draw(st.integers(0, Hkv)),
+    }
+    causal = data.draw(st.booleans())
+    assert not compare_to_reference("strided_shard", *tensors(B, H, Hkv, T, S, D, Dv, seed), causal=causal, **opts)
+
+
+@SETTINGS
+@given(shape=shapes, data=st.data())
+def test_block_topk(shape, data):
+    B, (H, Hkv), T, S, D, Dv, seed = shape
+    init, local = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
+    opts = {
+        "block_size": data.draw(st.integers(1, 8)),
+        "init_blocks": init,
+        "local_blocks": local,
+        "top_k": data.draw(st.integers(max(1, init + local), 6)),
+    }
+    causal = data.draw(st.booleans())
+    assert not compare_to_reference("block_topk", *tensors(B, H, Hkv, T, S, D, Dv, seed), causal=causal, **opts)
+
+
+@SETTINGS
+@given(shape=shapes, data=st.data())
+def test_dynamic_hierarchical_fixed_chunks(shape, data):
+    B, (H, Hkv), T, S, D, Dv, seed = shape
+    opts = {
+        "chunking": "fixed",
+        "chunk_size": data.draw(st.integers(1, 9)),
+        "budget": data.draw(st.integers(1, 30)),
+        "local": data.draw(st.integers(0, 6)),
+        "sinks": data.draw(st.integers(0, 4)),
+    }
+    assert not compare_to_reference("dynamic_hierarchical", *tensors(B, H, Hkv, T, S, D, Dv, seed), causal=True, **opts)
