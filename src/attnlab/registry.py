@@ -226,7 +226,7 @@ MECHANISMS: list[Mechanism] = [
     Mechanism(
         "block_topk",
         "InfLLM-V2 (MiniCPM4, arXiv 2506.07900); HyLRA, arXiv 2602.00777",
-        block_topk.mask_for,
+        None,  # data-dependent: the oracle runs under select()'s mask
         {"blocksparse": Impl(block_topk.attention)},
         block_topk.check_options,
         block_topk.DEFAULTS,

@@ -240,3 +240,19 @@ class TensorKeyedCache:
         while len(self.entries) > self.size:
             self.entries.pop(next(iter(self.entries)))
         return value
+
+
+def causal_blocks(T: int, S: int, block: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """Block-level reach of the (bottom-right) causal constraint with square blocks, [nQB, nKB]:
+    ``some`` — some real row of the query block may see some key of the block;
+    ``every`` — every real row sees every key of it (a rule that allows the block may run it unmasked).
+    Rows at negative positions (T > S) see nothing."""
+    first, last = query_positions(T, S, block)
+    J = torch.arange(math.ceil(S / block)).view(1, -1)
+    p0, p1 = first.view(-1, 1), last.view(-1, 1)
+    some = (p1 >= 0).expand(len(first), J.shape[1])
+    every = (p0 >= 0).expand_as(some)
+    if causal:
+        some = some & (J * block <= p1)
+        every = every & ((J + 1) * block - 1 <= p0)
+    return some, every

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int, resolve_scale
 from attnlab.kernels import BlockLayout, block_sparse_attention
-from attnlab.kernels.layout import layout_from_blocks
+from attnlab.kernels.layout import causal_blocks, layout_from_blocks, query_positions
 
 DEFAULTS = {"block_size": 64, "top_k": 16, "init_blocks": 1, "local_blocks": 4, "selection": None}
 
@@ -105,29 +105,22 @@ def select(
     k_bar = _pool(k, beta)  # [B, Hkv, nKB, D]
     score = resolve_scale(scale, D) * q_bar @ k_bar.transpose(-1, -2)  # [B, Hkv, nQB, nKB]
 
-    rows = torch.arange(nQB)
-    p0 = (rows * beta + off).view(-1, 1)
-    p1 = (torch.clamp((rows + 1) * beta, max=T) - 1 + off).view(-1, 1)
+    first, last_pos = query_positions(T, S, beta)
     J = torch.arange(nKB).view(1, -1)
-    visible = (J * beta <= p1) & (p1 >= 0) if causal else (p1 >= 0).expand(nQB, nKB)
-    last = (p1.clamp(min=0) // beta) if causal else (p0.clamp(min=0) // beta)  # the query block's own key block
+    visible, every = causal_blocks(T, S, beta, causal)
+    own = last_pos if causal else first  # the query block's own key block
+    last = (own.clamp(min=0) // beta).view(-1, 1)
     forced = visible & ((J < init_blocks) | ((last - J).abs() < local_blocks) & ((J <= last) | (not causal)))
     rank_score = torch.where(forced, float("inf"), torch.where(visible, score, float("-inf")))
     order = _rank_by_score(rank_score)[..., :top_k]  # forced first, then by score
     keep = torch.zeros(B, Hkv, nQB, nKB, dtype=torch.bool).scatter_(-1, order, True) & visible
-    full = keep & (p0 >= 0) & (((J + 1) * beta - 1 <= p0) if causal else True)
+    full = keep & every
 
     def block_topk(b, h, q_idx, kv_idx):
         p = q_idx + off
         return (kv_idx <= p) & (p >= 0) if causal else p >= 0
 
     return BlockSelection(keep, layout_from_blocks(keep, full, T, S, (beta, beta), block_topk), causal)
-
-
-def mask_for(q: Tensor, k: Tensor, *, causal: bool = False, scale=None, selection=None, **opts) -> Tensor:
-    """The dense mask [B, Hkv, T, S] of the selection this call makes (or was given)."""
-    sel = selection or select(q, k, causal=causal, scale=scale, **opts)
-    return sel.dense_mask()
 
 
 def attention(

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int
 from attnlab.kernels import block_sparse_attention
-from attnlab.kernels.layout import layout_from_blocks
+from attnlab.kernels.layout import causal_blocks, layout_from_blocks, query_positions
 
 DEFAULTS = {"block_size": 64, "local_blocks": 4, "vert_stride": 4, "head_step": None, "dense_heads": 0}
 
@@ -102,23 +102,18 @@ def layout(
     dense_heads: int,
 ):
     """The per-kv-head block layout [1, kv_heads, nQB, V], decided at block level (block = block_size)."""
-    beta, off = block_size, S - T
+    beta = block_size
     step = _head_step(head_step, vert_stride, kv_heads)
-    nQB, nKB = math.ceil(T / beta), math.ceil(S / beta)
-    rows = torch.arange(nQB)
-    p0 = rows * beta + off  # first and last key position of each query block
-    p1 = torch.clamp((rows + 1) * beta, max=T) - 1 + off
+    nKB = math.ceil(S / beta)
+    p0, p1 = query_positions(T, S, beta)
     # A query block spans position blocks I0..I1 (two when S - T is not a multiple of beta).
     I0, I1 = (p0.clamp(min=0) // beta).view(1, -1, 1), (p1.clamp(min=0) // beta).view(1, -1, 1)
     J = torch.arange(nKB).view(1, 1, -1)
     h = torch.arange(kv_heads).view(-1, 1, 1)
     dense = h >= kv_heads - dense_heads
     k0, k1 = (_keep_blocks(I, J, h, dense, causal, local_blocks, vert_stride, step) for I in (I0, I1))
-    visited = (k0 | k1) & (p1 >= 0).view(1, -1, 1)
-    full = k0 & k1 & (p0 >= 0).view(1, -1, 1)
-    if causal:
-        visited = visited & (J * beta <= p1.view(1, -1, 1))
-        full = full & ((J + 1) * beta - 1 <= p0.view(1, -1, 1))
+    some, every = causal_blocks(T, S, beta, causal)
+    visited, full = (k0 | k1) & some, k0 & k1 & every
     mod = _mask_mod(T, S, causal, beta, local_blocks, vert_stride, step, kv_heads - dense_heads)
     return layout_from_blocks(visited.unsqueeze(0), full.unsqueeze(0), T, S, (beta, beta), mod)
 
