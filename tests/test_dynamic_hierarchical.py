@@ -8,7 +8,7 @@ import torch
 
 import attnlab
 from attnlab.mechanisms import dynamic_hierarchical as dhsa
-from attnlab.testing import compare_to_reference
+from attnlab.testing import compare_to_reference, tile_classes
 
 
 def brute_mask(q, k, starts, budget, local, sinks):
@@ -98,3 +98,26 @@ def test_boundary_chunking_needs_self_attention():
     k, v = torch.randn(2, 1, 1, 16, 4)
     with pytest.raises(ValueError, match="chunking='boundary' needs self-attention"):
         attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True)
+
+
+@pytest.mark.parametrize(("T", "S", "blocks"), [(50, 50, (8, 16)), (33, 70, (16, 8))])
+def test_layout_is_the_exact_block_classification_of_the_selection(T, S, blocks):
+    """The analytic block classification (from per-row intervals) equals classifying the tiles of
+    the selection's dense mask: nothing visited in vain, every full block found."""
+    from attnlab.kernels import block_size
+
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 2, T, 4), torch.randn(1, 2, S, 4)
+    with block_size(*blocks):
+        sel = dhsa.select(q, k, chunking="fixed", chunk_size=5, budget=17, local=4, sinks=3)
+    lay = sel.layout
+    want_v, want_f = tile_classes(sel.dense_mask()[0, 0], *blocks)
+    want_f[:, -1] &= S % blocks[1] == 0  # ragged last key block always runs masked
+    got_v = torch.zeros_like(want_v)
+    got_p = torch.zeros_like(want_v)
+    for n in range(lay.n_q_blocks):
+        for m, part in zip(lay.kv_blocks[0, 0, n].tolist(), lay.partial[0, 0, n].tolist()):
+            if m >= 0:
+                got_v[n, m], got_p[n, m] = True, part
+    assert torch.equal(got_v, want_v)
+    assert torch.equal(got_v & ~got_p, want_v & want_f)

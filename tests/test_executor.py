@@ -7,7 +7,7 @@ import torch
 import attnlab
 from attnlab.core import merge_lse
 from attnlab.kernels import block_size, block_sparse_attention, build_layout
-from attnlab.testing import LargestTensor
+from attnlab.testing import LargestTensor, tile_classes
 
 
 def test_layout_classifies_blocks_exactly():
@@ -119,3 +119,21 @@ def test_causal_staircases_run_as_squares_and_stay_exact():
 
         assert not compare_to_reference("prefix_lm", q, k, v, causal=True, prefix=20)
         assert not compare_to_reference("dense", q, k, v, impl="blocksparse", causal=True)
+
+
+def test_interval_blocks_match_brute_force_tiles():
+    from attnlab.kernels.layout import interval_blocks
+
+    g = torch.Generator().manual_seed(0)
+    for T, S, Bq, Bk in ((37, 70, 8, 16), (64, 64, 16, 8), (5, 130, 4, 32)):
+        # disjoint intervals per row: sorted random cut points, every other gap kept
+        cuts = torch.randint(0, S + 1, (T, 10), generator=g).sort(1).values
+        lo, hi = cuts[:, 0::2], cuts[:, 1::2]
+        dense = torch.zeros(T, S, dtype=torch.bool)
+        for i in range(T):
+            for a, b in zip(lo[i].tolist(), hi[i].tolist()):
+                dense[i, a:b] = True
+        visited, full = interval_blocks(lo, hi, S, (Bq, Bk))
+        want_v, want_f = tile_classes(dense, Bq, Bk)
+        assert torch.equal(visited, want_v)
+        assert torch.equal(full, want_f)

@@ -139,6 +139,18 @@ def check_mechanism(name: str, dtypes=(torch.float32, torch.float64)) -> list[st
     return failures
 
 
+def tile_classes(mask: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+    """Brute-force block classification of a bool [T, S] mask: (visited, full) [nQB, nKB], where
+    full means every real row allows every real key of the tile. For checking layout builders."""
+    T, S = mask.shape
+    pad = torch.nn.functional.pad(mask, (0, -S % block_k, 0, -T % block_q))
+    real_rows = torch.nn.functional.pad(torch.ones(T, dtype=torch.bool), (0, -T % block_q))
+    real_keys = torch.nn.functional.pad(torch.ones(S, dtype=torch.bool), (0, -S % block_k))
+    tiles = pad.view(-1, block_q, pad.shape[1] // block_k, block_k)
+    ignore = ~real_rows.view(-1, block_q, 1, 1) | ~real_keys.view(1, 1, -1, block_k)
+    return tiles.any(3).any(1), (tiles | ignore).all(3).all(1)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any ATen op produces inside the block (for the no-T*S check)."""
 

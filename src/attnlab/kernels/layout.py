@@ -206,6 +206,35 @@ def layout_from_blocks(
     return BlockLayout(T, S, Bq, Bk, kv_blocks, partial, mask_mod)
 
 
+def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Block classification from per-row key intervals, with no per-key work.
+
+    lo, hi [rows, n]: each query row's allowed keys as disjoint intervals [lo, hi) (empty when
+    hi <= lo); rows start at a query-block boundary. Returns visited, full: bool [ceil(rows / Bq),
+    nKB]. Each interval adds its overlap to the key blocks it touches (a whole-block run through a
+    difference array, the two ragged ends directly); a block is visited when some row covers a key
+    of it and full when every row covers all of it.
+    """
+    Bq, Bk = block
+    rows, nKB = lo.shape[0], math.ceil(S / Bk)
+    hi = torch.maximum(hi, lo)
+    real = hi > lo
+    first, last = -(-lo // Bk), hi // Bk  # the whole blocks inside are first .. last - 1
+    cov = torch.zeros(rows, nKB + 2, dtype=torch.int32)
+    inner = (first < last).int() * Bk
+    cov.scatter_add_(1, first.clamp(max=nKB + 1), inner).scatter_add_(1, last.clamp(max=nKB + 1), -inner)
+    cov = cov.cumsum(1, dtype=torch.int32)
+    head = torch.where(real & (lo % Bk != 0), torch.minimum(hi, first * Bk) - lo, 0).int()
+    tail = torch.where(real & (hi % Bk != 0) & (last >= first), hi - last * Bk, 0).int()
+    cov.scatter_add_(1, (lo // Bk).clamp(max=nKB + 1), head).scatter_add_(1, last.clamp(max=nKB + 1), tail)
+    cov = cov[:, :nKB]
+    width = (S - torch.arange(nKB) * Bk).clamp(max=Bk).int()
+    pad = -rows % Bq  # rows past the end: never visit, never spoil fullness
+    visited = F.pad(cov > 0, (0, 0, 0, pad), value=False).view(-1, Bq, nKB).any(1)
+    full = F.pad(cov == width, (0, 0, 0, pad), value=True).view(-1, Bq, nKB).all(1)
+    return visited, full
+
+
 def block_ranges(lo: Tensor, hi: Tensor, block_q: int) -> tuple[Tensor, Tensor]:
     """Per-row key bounds [T] -> per-query-block bounds [nQB]: the union of its rows' ranges."""
     pad = -lo.shape[0] % block_q

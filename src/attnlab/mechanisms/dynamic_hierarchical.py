@@ -33,7 +33,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int, repeat_kv, resolve_scale
 from attnlab.kernels import BlockLayout, block_sizes, block_sparse_attention
-from attnlab.kernels.layout import layout_from_blocks
+from attnlab.kernels.layout import interval_blocks, layout_from_blocks
 
 DEFAULTS = {
     "chunking": "boundary",
@@ -46,6 +46,7 @@ DEFAULTS = {
     "nms_window": 8,
     "max_chunks": None,
 }
+_ROWS_ELEMS = 1 << 22  # (row, chunk) pairs held at once while filling budgets
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -181,63 +182,64 @@ def select(q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = N
     order = Nc - 1 - torch.sort(score.flip(-1), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(Nc).expand_as(order))
 
-    # per query: tokens of each ranked chunk inside its "rest" range [sinks, p - local]
-    lo_c = torch.stack([s for s in _pad_starts(starts, Nc, S)])  # [B, Nc] chunk starts
+    lo_c = torch.stack(_pad_starts(starts, Nc, S))  # [B, Nc] chunk starts
     hi_c = torch.cat([lo_c[:, 1:], torch.full((B, 1), S)], 1)  # exclusive ends
-    rest_lo = torch.full_like(p, o["sinks"]).view(1, T, 1)
-    rest_hi = (p - o["local"] + 1).view(1, T, 1)  # exclusive
-    ranked_lo = torch.gather(lo_c.unsqueeze(1).expand(B, T, Nc), 2, order[torch.arange(B).view(-1, 1), q_chunk])
-    ranked_hi = torch.gather(hi_c.unsqueeze(1).expand(B, T, Nc), 2, order[torch.arange(B).view(-1, 1), q_chunk])
-    n_rest = (torch.minimum(ranked_hi, rest_hi) - torch.maximum(ranked_lo, rest_lo)).clamp(min=0)  # [B, T, Nc]
-    n_local = torch.clamp(p + 1, min=0).clamp(max=o["local"]).view(1, T)
-    n_sink = torch.clamp(torch.minimum(p + 1 - n_local, torch.full_like(p, o["sinks"])), min=0).view(1, T)
-    room = (o["budget"] - n_local - n_sink).clamp(min=0)  # [1 or B, T]
-    before = torch.cumsum(n_rest, -1) - n_rest  # tokens taken by better-ranked chunks
-    whole = before + n_rest <= room.unsqueeze(-1)
-    take = whole.long().sum(-1)  # chunks ranked < take are taken whole (ranks are a prefix)
-    partial = (room - torch.gather(before, 2, take.clamp(max=Nc - 1).unsqueeze(-1)).squeeze(-1)).clamp(min=0)
-    at = take.clamp(max=Nc - 1).unsqueeze(-1)
-    end = torch.minimum(torch.gather(ranked_hi, 2, at).squeeze(-1), rest_hi.view(1, T))
-    cut = torch.where(take < Nc, end - partial, S)  # the partial chunk's most recent `partial` tokens
-    take = take.expand(B, T).contiguous()
-    cut = cut.expand(B, T).contiguous()
+    Bq, Bk = block_sizes()
+    take, cut = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)
+    visited = torch.zeros(B, 1, math.ceil(T / Bq), math.ceil(S / Bk), dtype=torch.bool)
+    full = torch.zeros_like(visited)
+    lo_c, hi_c, p32, order32 = lo_c.int(), hi_c.int(), p.int(), order.int()  # int32 halves the traffic
+    step = Bq * max(1, _ROWS_ELEMS // (Bq * (Nc + 2)))  # rows per pass: bounded memory, block-aligned
+    for b in range(B):
+        for r0 in range(0, T, step):
+            r1 = min(T, r0 + step)
+            rows = slice(r0, r1)
+            ranked = order32[b][q_chunk[b, rows]]
+            tk, cu, lo, hi = _row_intervals(lo_c[b], hi_c[b], ranked, p32[rows], S, o)
+            take[b, rows], cut[b, rows] = tk, cu
+            qb = slice(r0 // Bq, math.ceil(r1 / Bq))
+            visited[b, 0, qb], full[b, 0, qb] = interval_blocks(lo, hi, S, (Bq, Bk))
     sel = ChunkSelection(chunk_of, rank, take, cut, None, o["local"], o["sinks"])
-    return sel._replace(layout=_layout(sel, T, S))
+
+    def dhsa(bb, h, q_idx, kv_idx):
+        return _allowed(sel, bb, q_idx, kv_idx, off)
+
+    return sel._replace(layout=layout_from_blocks(visited, full, T, S, (Bq, Bk), dhsa))
+
+
+def _row_intervals(lo_c: Tensor, hi_c: Tensor, order: Tensor, p: Tensor, S: int, o: dict):
+    """Budget filling for a run of query rows, as disjoint key intervals.
+
+    lo_c, hi_c [Nc]: chunk bounds; order [n, Nc]: key chunks by rank for each row's query chunk;
+    p [n]: key positions of the rows. Returns take, cut [n] and intervals lo, hi [n, Nc + 2]:
+    sinks, the local window, and each ranked chunk's share of the "rest" range [sinks, p - local].
+    """
+    sinks, local = o["sinks"], o["local"]
+    rest_hi = (p - local + 1).unsqueeze(1)  # exclusive end of the rest range
+    lo = lo_c[order].clamp(min=sinks)  # [n, Nc], rank order
+    hi = torch.minimum(hi_c[order], rest_hi)
+    n_rest = (hi - lo).clamp(min=0)
+    n_local = (p + 1).clamp(min=0, max=local)
+    n_sink = torch.minimum(p + 1 - n_local, torch.full_like(p, sinks)).clamp(min=0)
+    room = (o["budget"] - n_local - n_sink).clamp(min=0)  # [n]
+    before = torch.cumsum(n_rest, -1, dtype=n_rest.dtype) - n_rest  # tokens taken by better-ranked chunks
+    take = (before + n_rest <= room.unsqueeze(1)).sum(-1)  # chunks ranked < take go whole (a prefix)
+    at = take.clamp(max=order.shape[1] - 1).unsqueeze(1)
+    partial = (room - before.gather(1, at).squeeze(1)).clamp(min=0)
+    cut = torch.where(take < order.shape[1], hi.gather(1, at).squeeze(1) - partial, S)  # most recent tokens
+    r = torch.arange(order.shape[1])
+    lo = torch.where(r == take.unsqueeze(1), torch.maximum(lo, cut.unsqueeze(1)), lo)
+    hi = torch.where(r <= take.unsqueeze(1), hi, lo)  # ranks past take: empty
+    sink_iv = (torch.zeros_like(p), torch.minimum(p + 1, torch.full_like(p, sinks)))
+    local_iv = ((p - local + 1).clamp(min=sinks), p + 1)
+    lo = torch.cat([lo, sink_iv[0].unsqueeze(1), local_iv[0].unsqueeze(1)], 1)
+    hi = torch.cat([hi, sink_iv[1].unsqueeze(1), local_iv[1].unsqueeze(1)], 1)
+    return take, cut, lo, hi
 
 
 def _pad_starts(starts: list[Tensor], Nc: int, S: int) -> list[Tensor]:
     """Chunk starts padded to Nc with S (empty chunks) so batch rows stack."""
     return [torch.cat([s, torch.full((Nc - len(s),), S)]) for s in starts]
-
-
-def _layout(sel: ChunkSelection, T: int, S: int) -> BlockLayout:
-    """Exact layout: blocks classified by evaluating the predicate tile by tile, in O(T * S / 64)
-    memory chunks (the selection is per token, so only a tile pass knows which blocks are hit)."""
-    Bq = Bk = block_sizes()[0]
-    nQB, nKB = math.ceil(T / Bq), math.ceil(S / Bk)
-    B = sel.chunk_of.shape[0]
-    visited = torch.zeros(B, 1, nQB, nKB, dtype=torch.bool)
-    full = torch.zeros_like(visited)
-    off = S - T
-    for b in range(B):
-        bt = torch.tensor(b)
-        for n0 in range(0, nQB, 8):
-            n1 = min(nQB, n0 + 8)
-            qi = torch.arange(n0 * Bq, min(n1 * Bq, T)).view(-1, 1)
-            hi = min(S, int(qi.max()) + off + 1)
-            kj = torch.arange(0, max(hi, 1)).view(1, -1)
-            a = _allowed(sel, bt, qi, kj, off)  # [rows, hi]
-            rows = F.pad(a, (0, nKB * Bk - a.shape[1], 0, (n1 - n0) * Bq - a.shape[0]))
-            tiles = rows.view(n1 - n0, Bq, nKB, Bk)
-            real_rows = F.pad(torch.ones(a.shape[0], dtype=torch.bool), (0, (n1 - n0) * Bq - a.shape[0]))
-            real = real_rows.view(n1 - n0, Bq, 1, 1)
-            visited[b, 0, n0:n1] = tiles.any(3).any(1)
-            full[b, 0, n0:n1] = (tiles | ~real).all(3).all(1)
-
-    def dhsa(bb, h, q_idx, kv_idx):
-        return _allowed(sel, bb, q_idx, kv_idx, off)
-
-    return layout_from_blocks(visited, full, T, S, (Bq, Bk), dhsa)
 
 
 def attention(
