@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.attnlab-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --disable-pip-version-check -e ".[dev,viz]"
+	$(PY) -m pip install --disable-pip-version-check -e ".[dev,viz,hf]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -71,6 +71,9 @@ class Mechanism:
     # Composites that are not one softmax under a mask (gated mixtures over pooled keys) bring their
     # own dense oracle: oracle(q, k, v, *, causal, scale, **options) -> Reference.
     oracle: Callable | None = None
+    # "softmax": a softmax attention over q, k, v (may stand in for any HF attention layer);
+    # "linear" and others compute something else and need their own modules.
+    family: str = "softmax"
 
     def _heads(self, kv_heads: int | None) -> dict:
         return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}

@@ -1,0 +1,196 @@
+"""Hugging Face transformers integration: any softmax-family mechanism as an attention implementation.
+
+    import attnlab.hf
+    attnlab.hf.register()                      # explicit; nothing registers at import
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="attnlab_sliding_window")
+    model.config.attnlab = {"window": 256}     # the mechanism's options (registry defaults otherwise)
+
+Each mechanism is registered twice under ``attnlab_<name>``: with ``AttentionInterface`` (the
+attention itself) and with ``AttentionMaskInterface`` (transformers' boolean SDPA mask, so causal and
+padding masks always reach us; the docs warn that without it the mask is silently ``None``). The mask
+builder also validates the layer's options against the call before any layer runs.
+
+Masks are never dropped. transformers hands us its [B, 1, T, S] mask (causal and padding) or None
+(plain causal / bidirectional). A mask that is "the causal structure restricted to a contiguous run
+of real keys" per batch row (left padding in decoders, right padding in encoders) is served by the
+fast path on each row's real tokens, so the mechanism sees every sequence without its pads: a
+streaming sink is the first real token, not a pad. Query rows outside the real run output 0 (they are
+padding). Any other mask (packed sequences, custom 4D masks) is combined with the mechanism's own mask
+and run on the dense reference, exactly, at O(T*S) cost; data-dependent mechanisms refuse such masks.
+
+Per-layer mechanisms come from ``attnlab.hf.set_layer`` (a policy sets them) and are read by the
+``attnlab_policy`` implementation; ``attnlab_<name>`` uses ``name`` with ``config.attnlab`` options.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab import reference as _reference
+from attnlab import registry
+
+PREFIX = "attnlab_"
+POLICY = PREFIX + "policy"
+
+
+def served() -> list[str]:
+    """Mechanisms that can stand in for a Hugging Face attention layer: softmax attention over q, k, v
+    (linear-family mechanisms change what a layer computes and need their own modules)."""
+    return [m.name for m in registry.MECHANISMS if m.family == "softmax"]
+
+
+def register() -> list[str]:
+    """Register every served mechanism (and ``attnlab_policy``) with transformers; returns the names."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    names = [PREFIX + n for n in served()] + [POLICY]
+    for full in names:
+        default = None if full == POLICY else full.removeprefix(PREFIX)
+        AttentionInterface.register(full, _attention_fn(default))
+        AttentionMaskInterface.register(full, _mask_fn(default))
+    return names
+
+
+def set_layer(module: torch.nn.Module, mechanism: str, **options) -> None:
+    """Pin one attention module to ``mechanism`` with ``options`` (validated now, not mid-forward)."""
+    mech = registry.get(mechanism)
+    if mech.family != "softmax":
+        raise ValueError(
+            f"{mechanism} is a {mech.family} mechanism and cannot replace a softmax attention layer; "
+            f"served: {', '.join(served())}"
+        )
+    unknown = set(options) - set(mech.defaults)
+    if unknown:
+        raise ValueError(
+            f"{mechanism} got unknown option(s) {sorted(unknown)}; it accepts: {', '.join(mech.defaults) or 'none'}"
+        )
+    module.attnlab = (mechanism, dict(options))
+
+
+def layer_setting(module: torch.nn.Module, default: str | None) -> tuple[str, dict]:
+    """(mechanism, options) for one attention module: its pinned setting, else ``default`` with the
+    model config's ``attnlab`` options."""
+    pinned = getattr(module, "attnlab", None)
+    if pinned is not None:
+        return pinned
+    if default is None:
+        raise ValueError(
+            f"attn_implementation={POLICY!r} needs every attention layer pinned: apply a policy "
+            "(attnlab.hf.apply_policy) or call attnlab.hf.set_layer on each layer"
+        )
+    return default, dict(getattr(getattr(module, "config", None), "attnlab", None) or {})
+
+
+def _mask_fn(default: str | None):
+    def build(*args, config=None, **kwargs):
+        from transformers.masking_utils import sdpa_mask
+
+        if config is not None and default is not None:
+            _validate(default, dict(getattr(config, "attnlab", None) or {}))
+        return sdpa_mask(*args, config=config, **kwargs)
+
+    return build
+
+
+def _validate(name: str, options: dict) -> None:
+    mech = registry.get(name)
+    unknown = set(options) - set(mech.defaults)
+    if unknown:
+        raise ValueError(
+            f"config.attnlab for {name} has unknown option(s) {sorted(unknown)}; "
+            f"it accepts: {', '.join(mech.defaults) or 'none'}"
+        )
+
+
+def _attention_fn(default: str | None):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+        """transformers' attention signature: query [B, H, T, D], key/value [B, Hkv, S, D] ->
+        ([B, T, H, D], None). Weights are never materialized on the fast path, so none are returned."""
+        if dropout:
+            raise ValueError("attnlab attention has no attention dropout: call model.eval() or set it to 0")
+        name, options = layer_setting(module, default)
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        out = masked_attention(query, key, value, attention_mask, name, causal=causal, scale=scaling, **options)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, mechanism: str, *, causal: bool, scale=None, **options
+) -> Tensor:
+    """``attnlab.attention`` under an extra transformers-style mask [B or 1, 1, T, S] (bool, True =
+    allowed, or additive float 0 / min). See the module docstring for how each mask is served."""
+    if mask is None:
+        return registry.attention(q, k, v, mechanism, causal=causal, scale=scale, **options)
+    allowed = _as_bool(mask)
+    runs = key_runs(allowed, causal)
+    if runs is None:
+        return _dense_fallback(q, k, v, allowed, mechanism, causal, scale, options)
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    if all(lo == 0 and hi == S for lo, hi in runs):
+        return registry.attention(q, k, v, mechanism, causal=causal, scale=scale, **options)
+    out = q.new_zeros(B, H, T, v.shape[-1])
+    for b, (lo, hi) in enumerate(runs):
+        rows = slice(max(0, lo - (S - T)), max(0, hi - (S - T)))  # query rows at real positions
+        if hi <= lo or rows.start >= rows.stop:
+            continue
+        qb, kb, vb = q[b : b + 1, :, rows], k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi]
+        out[b : b + 1, :, rows] = registry.attention(qb, kb, vb, mechanism, causal=causal, scale=scale, **options)
+    return out
+
+
+def _as_bool(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise ValueError(f"attention_mask must be bool or an additive float mask, got {mask.dtype}")
+    allowed = mask == 0
+    if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+        raise ValueError(
+            "attention_mask carries an additive bias (values other than 0 and -inf); attnlab "
+            "mechanisms only take allowed/blocked masks"
+        )
+    return allowed
+
+
+def key_runs(allowed: Tensor, causal: bool) -> list[tuple[int, int]] | None:
+    """Per batch row, the run [lo, hi) of real keys when ``allowed`` [B, 1, T, S] is exactly the
+    (bottom-right) causal or full structure restricted to that run on every real query row; else None."""
+    if allowed.dim() != 4 or allowed.shape[1] != 1:
+        return None
+    B, _, T, S = allowed.shape
+    j = torch.arange(S, device=allowed.device)
+    p = torch.arange(T, device=allowed.device) + S - T  # query positions
+    runs = []
+    for b in range(allowed.shape[0]):
+        m = allowed[b, 0]
+        seen = m.any(0).nonzero().flatten()
+        if seen.numel() == 0:
+            runs.append((0, 0))
+            continue
+        lo, hi = int(seen[0]), int(seen[-1]) + 1
+        real = (p >= lo) & (p < hi)
+        want = (j >= lo) & (j < hi)
+        want = want & (j <= p.unsqueeze(1)) if causal else want.expand(T, S)
+        if not torch.equal(m[real], want[real]):
+            return None
+        runs.append((lo, hi))
+    return runs
+
+
+def _dense_fallback(q, k, v, allowed, mechanism, causal, scale, options) -> Tensor:
+    mech = registry.get(mechanism)
+    if mech.mask is None or mech.oracle is not None:
+        raise ValueError(
+            f"{mechanism} cannot be combined with this attention mask (not a padding mask over contiguous real "
+            "tokens); pass unpadded or left-padded batches"
+        )
+    T, S, H, Hkv = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
+    own = registry.mask(mechanism, T, S, causal=causal, kv_heads=Hkv, **options).to(q.device)
+    if mech.per_kv_head:  # [Hkv, T, S] -> [H, T, S]
+        own = own.repeat_interleave(H // Hkv, dim=0)
+    return _reference.attention(q, k, v, own & allowed, scale=scale).out
