@@ -171,3 +171,22 @@ def test_set_layer_pins_a_mechanism_per_layer():
     ref = _decoder(_llama, "eager", {})
     with torch.no_grad():
         torch.testing.assert_close(dense, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_apply_policy_places_each_layer_and_refuses_bad_policies():
+    from attnlab import Policy
+
+    model = _decoder(_llama, "eager", {})
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        eager = model(ids).logits
+    policy = Policy.explicit([("sliding_window", {"window": 2}), "dense"])
+    attnlab.hf.apply_policy(model, Policy.from_json(policy.to_json()))
+    layers = attnlab.hf.attention_layers(model)
+    assert [layer.attnlab[0] for layer in layers] == ["sliding_window", "dense"]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, eager)
+        attnlab.hf.apply_policy(model, Policy.explicit(["dense", "dense"]))
+        torch.testing.assert_close(model(ids).logits, eager, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="3 layers but the model has 2"):
+        attnlab.hf.apply_policy(model, Policy.explicit(["dense"] * 3))

@@ -69,6 +69,41 @@ def set_layer(module: torch.nn.Module, mechanism: str, **options) -> None:
     module.attnlab = (mechanism, dict(options))
 
 
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules in layer order (transformers tags each with ``layer_idx``)."""
+    found = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no attention modules with a layer_idx; attnlab.hf cannot place a policy"
+        )
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def apply_policy(model: torch.nn.Module, policy) -> torch.nn.Module:
+    """Pin each attention layer to the policy's mechanism and switch the model to ``attnlab_policy``.
+    Every layer is checked before any is changed, so a bad policy leaves the model as it was."""
+    layers = attention_layers(model)
+    policy.check(len(layers))
+    for layer in policy.layers:  # refuse non-softmax mechanisms before touching the model
+        if registry.get(layer.mechanism).family != "softmax":
+            raise ValueError(
+                f"{layer.mechanism} is a {registry.get(layer.mechanism).family} mechanism; a Hugging Face layer "
+                f"computes softmax attention. Served: {', '.join(served())}"
+            )
+    for module, layer in zip(layers, policy.layers):
+        set_layer(module, layer.mechanism, **layer.options)
+    if POLICY not in _registered():
+        register()
+    model.set_attn_implementation(POLICY)
+    return model
+
+
+def _registered() -> set[str]:
+    from transformers import AttentionInterface
+
+    return set(AttentionInterface._global_mapping)
+
+
 def layer_setting(module: torch.nn.Module, default: str | None) -> tuple[str, dict]:
     """(mechanism, options) for one attention module: its pinned setting, else ``default`` with the
     model config's ``attnlab`` options."""
