@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from attnlab import reference as _reference
-from attnlab import registry
+from attnlab import registry, reuse
 
 PREFIX = "attnlab_"
 POLICY = PREFIX + "policy"
@@ -90,12 +90,38 @@ def apply_policy(model: torch.nn.Module, policy) -> torch.nn.Module:
                 f"{layer.mechanism} is a {registry.get(layer.mechanism).family} mechanism; a Hugging Face layer "
                 f"computes softmax attention. Served: {', '.join(served())}"
             )
+    store: dict = {}  # HyLRA: this model's block selections of the current forward, by layer
     for module, layer in zip(layers, policy.layers):
         set_layer(module, layer.mechanism, **layer.options)
+        module.attnlab_reuse = None if layer.reuse is None else layers[layer.reuse].layer_idx
+        module.attnlab_store = store
     if POLICY not in _registered():
         register()
     model.set_attn_implementation(POLICY)
     return model
+
+
+def profile_reuse(model: torch.nn.Module, inputs: dict, **options):
+    """HyLRA's offline profile on calibration ``inputs`` (keyword arguments of ``model``): every layer
+    runs ``block_topk`` with ``options``; returns the layers' selection overlap T [L, L] and their
+    mass ratios (share of blocks needed for 90% of the attention mass; materializes the weights, so
+    keep calibration inputs short). Feed them to ``attnlab.reuse.plan`` and ``Policy.reuse``."""
+    from attnlab.policy import Policy
+
+    layers = attention_layers(model)
+    apply_policy(model, Policy.explicit([("block_topk", options)] * len(layers)))
+    ratios: dict = {}
+    for module in layers:
+        module.attnlab_profile = ratios
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for module in layers:
+            module.attnlab_profile = None
+    store = layers[0].attnlab_store
+    selections = [store[m.layer_idx].blocks for m in layers]
+    return reuse.overlap(selections), [ratios[m.layer_idx] for m in layers]
 
 
 def _registered() -> set[str]:
@@ -147,10 +173,37 @@ def _attention_fn(default: str | None):
             raise ValueError("attnlab attention has no attention dropout: call model.eval() or set it to 0")
         name, options = layer_setting(module, default)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        store = getattr(module, "attnlab_store", None)
+        if name == "block_topk" and store is not None:
+            out = _selection_sharing(module, store, query, key, value, attention_mask, causal, scaling, options)
+            return out.transpose(1, 2).contiguous(), None
         out = masked_attention(query, key, value, attention_mask, name, causal=causal, scale=scaling, **options)
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def _selection_sharing(module, store, q, k, v, mask, causal, scale, options) -> Tensor:
+    """HyLRA at run time: a computing layer records its block selection, a reusing layer attends
+    over its source's selection without scoring."""
+    from attnlab.mechanisms import block_topk
+
+    runs = None if mask is None else key_runs(_as_bool(mask), causal)
+    if mask is not None and (runs is None or any(run != (0, k.shape[2]) for run in runs)):
+        raise ValueError("layer reuse (HyLRA) runs on unpadded batches: selections are shared across layers per row")
+    src = getattr(module, "attnlab_reuse", None)
+    if src is None:
+        sel = block_topk.select(q, k, causal=causal, scale=scale, **options)
+        store[module.layer_idx] = sel
+        profile = getattr(module, "attnlab_profile", None)
+        if profile is not None:  # profiling pass: how much of the attention mass needs how many blocks
+            weights = _reference.attention(q, k, v, causal=causal, scale=scale).weights
+            profile[module.layer_idx] = reuse.mass_ratio(weights, options.get("block_size", 64))
+    elif src not in store or store[src].layout.T != q.shape[2] or store[src].layout.S != k.shape[2]:
+        raise ValueError(f"layer {module.layer_idx} reuses layer {src}, which has no selection for this call")
+    else:
+        sel = store[src]
+    return registry.attention(q, k, v, "block_topk", causal=causal, scale=scale, **{**options, "selection": sel})
 
 
 def masked_attention(

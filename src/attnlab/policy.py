@@ -38,8 +38,13 @@ def _plain(value, where: str):
 class Layer:
     mechanism: str
     options: dict = field(default_factory=dict)
+    reuse: int | None = None  # HyLRA: attend over this earlier layer's block selection (block_topk)
 
     def __post_init__(self):
+        if self.reuse is not None and self.mechanism != "block_topk":
+            raise ValueError(
+                f"reuse needs the block_topk mechanism (it reuses a block selection), got {self.mechanism}"
+            )
         mech = registry.get(self.mechanism)  # unknown names raise, listing the valid ones
         unknown = set(self.options) - set(mech.defaults)
         if unknown:
@@ -54,6 +59,17 @@ class Layer:
 class Policy:
     layers: tuple[Layer, ...]
     kind: str = "explicit"
+
+    def __post_init__(self):
+        for j, layer in enumerate(self.layers):
+            src = layer.reuse
+            if src is None:
+                continue
+            ok = isinstance(src, int) and 0 <= src < j and self.layers[src].mechanism == "block_topk"
+            if not ok or self.layers[src].reuse is not None:
+                raise ValueError(
+                    f"layer {j} reuses layer {src!r}: the source must be an earlier block_topk layer that computes"
+                )
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -96,12 +112,28 @@ class Policy:
         a, b = (Layer(*((x,) if isinstance(x, str) else x)) for x in (sparse, linear))
         return cls(tuple(a if i in picks else b for i in range(n_layers)), kind=f"ratio:{rule}")
 
+    @classmethod
+    def reuse(cls, steps: list[int], rollback=(), **options) -> Policy:
+        """HyLRA: from ``attnlab.reuse.plan``'s per-layer steps. Rollback layers run dense, computing
+        layers ``block_topk`` with ``options``, the others reuse their source's selection."""
+        layers = []
+        for j, step in enumerate(steps):
+            if j in set(rollback):
+                layers.append(Layer("dense"))
+            else:
+                layers.append(Layer("block_topk", options, reuse=None if step < 0 else step))
+        return cls(tuple(layers), kind="reuse")
+
     def check(self, n_layers: int) -> None:
         if len(self) != n_layers:
             raise ValueError(f"the policy has {len(self)} layers but the model has {n_layers} attention layers")
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "layers": [{"mechanism": x.mechanism, "options": x.options} for x in self.layers]}
+        layers = [{"mechanism": x.mechanism, "options": x.options} for x in self.layers]
+        for entry, layer in zip(layers, self.layers):
+            if layer.reuse is not None:
+                entry["reuse"] = layer.reuse
+        return {"kind": self.kind, "layers": layers}
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -114,7 +146,7 @@ class Policy:
     def from_dict(cls, data: dict) -> Policy:
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise ValueError('a policy is a JSON object {"kind": ..., "layers": [{"mechanism": ..., "options": ...}]}')
-        layers = tuple(Layer(x["mechanism"], x.get("options", {})) for x in data["layers"])
+        layers = tuple(Layer(x["mechanism"], x.get("options", {}), x.get("reuse")) for x in data["layers"])
         return cls(layers, kind=data.get("kind", "explicit"))
 
     @classmethod
