@@ -75,18 +75,13 @@ def _best_sum(T: Tensor, max_computes: int, rollback: set, level: float) -> list
     states: dict = {(None, 0): (0.0, [])}
     for j in range(T.shape[0]):
         nxt: dict = {}
-
-        def offer(key, total, steps):
-            if key[1] <= max_computes and (key not in nxt or total > nxt[key][0]):
-                nxt[key] = (total, steps)
-
         for (src, c), (total, steps) in states.items():
-            if j in rollback:
-                offer((src, c + 1), total + 1, steps + [COMPUTE])
-                continue
-            offer((j, c + 1), total + 1, steps + [COMPUTE])
-            if src is not None and float(T[src, j]) >= level:
-                offer((src, c), total + float(T[src, j]), steps + [src])
+            moves = [((src, c + 1), 1.0, COMPUTE)] if j in rollback else [((j, c + 1), 1.0, COMPUTE)]
+            if j not in rollback and src is not None and float(T[src, j]) >= level:
+                moves.append(((src, c), float(T[src, j]), src))
+            for key, gain, step in moves:
+                if key[1] <= max_computes and (key not in nxt or total + gain > nxt[key][0]):
+                    nxt[key] = (total + gain, steps + [step])
         states = nxt
     if not states:
         return None
