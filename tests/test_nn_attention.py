@@ -156,6 +156,12 @@ def test_every_mechanism_runs_in_the_layer_with_gradients(name):
     q, k, v = layer.project(x)  # the layer is its projections around attnlab.attention
     want = layer.merge_heads(attnlab.attention(q, k, v, name, causal=causal, impl="reference", **mech.example(T)))
     torch.testing.assert_close(y, want, atol=1e-9, rtol=1e-9)
+    cross_T = 20  # cross attention over the same S keys, where the mechanism serves it
+    if registry.pattern(cross_T, T, causal) in mech.patterns:
+        y_cross = layer(x[:, :cross_T] * 0.5, kv=x)
+        q, k, v = layer.project(x[:, :cross_T] * 0.5, kv=x)
+        ref = attnlab.attention(q, k, v, name, causal=causal, impl="reference", **mech.example(T))
+        torch.testing.assert_close(y_cross, layer.merge_heads(ref), atol=1e-9, rtol=1e-9)
     y.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     for pname, p in layer.named_parameters():
@@ -179,7 +185,6 @@ def test_every_mechanism_runs_in_the_layer_with_gradients(name):
         ((32, 4, None, "prefix_lm"), {}, "prefix_lm cannot run with causal=False"),
         ((32, 4, None, "neighborhood"), {"shape": (4, 4), "kernel_size": 5}, "kernel_size \\* dilation must be <="),
         ((32, 4, None, "document"), {"lengths": (3, 0)}, "lengths must be positive ints"),
-        ((32, 4), {"causal": 1}, "causal must be a bool"),
         ((20, 4), {"rope": True}, "rope needs an even positive head_dim, got 5"),
         ((32, 4), {"rope": True, "rope_base": 1.0}, "rope_base must be a number > 1"),
     ],
@@ -187,6 +192,19 @@ def test_every_mechanism_runs_in_the_layer_with_gradients(name):
 def test_bad_arguments_fail_at_build_time(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Attention(*args, **kwargs)
+
+
+def test_causal_must_be_a_bool_or_per_axis_bools_where_the_mechanism_has_axes():
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        Attention(32, 4, causal=1)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        Attention(32, 4, causal=(True, False))
+    grid = Attention(16, 2, None, "neighborhood", causal=(True, False), shape=(4, 6), kernel_size=3).double()
+    x = torch.randn(1, 24, 16, dtype=torch.float64)
+    y = grid(x)
+    x2 = x.clone()
+    x2[:, 18:] += 1.0  # the last grid row: rows above never see it when axis 0 is causal
+    torch.testing.assert_close(grid(x2)[:, :18], y[:, :18], atol=0, rtol=0)
 
 
 def test_length_bound_options_are_checked_at_their_length_and_at_each_call():

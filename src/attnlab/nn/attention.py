@@ -44,19 +44,18 @@ def _probe_lengths(options: dict) -> list[int]:
     return list(dict.fromkeys([n for n in found if 0 < n <= 1 << 20] + [64]))
 
 
-def check_mechanism(mechanism: str, causal: bool, options: dict) -> registry.Mechanism:
+def check_mechanism_options(mechanism: str, causal, options: dict) -> registry.Mechanism:
     """The registry's checks at build time: mechanism name, option names, the causal flag against the
     patterns the mechanism serves, and option values at a length they fit (first error wins)."""
-    mech = registry.get(mechanism)
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+    mech, causal_arg = registry.get(mechanism), causal
+    causal = registry._is_causal(mech, causal)  # per-axis bools (neighborhood) count as causal if any is
     if not any(p.endswith("_causal") == causal for p in mech.patterns):
         served = ", ".join(sorted(mech.patterns))
         raise ValueError(f"{mechanism} cannot run with causal={causal}; it supports: {served}")
     first = None
     for n in _probe_lengths(options):
         try:
-            registry._options(mech, n, n, causal, options)
+            registry._options(mech, n, n, causal_arg, options)
             return mech
         except ValueError as e:  # a length-bound value may only fit its own length: try the next
             first = first or e
@@ -81,7 +80,7 @@ class Attention(nn.Module):
         *,
         rope: bool = False,
         rope_base: float = 10000.0,
-        causal: bool = False,
+        causal: bool | tuple[bool, ...] = False,
         bias: bool = False,
         kv_dim: int | None = None,
         scale: float | None = None,
@@ -97,7 +96,7 @@ class Attention(nn.Module):
             raise ValueError(f"heads={heads} must be divisible by kv_heads={kv_heads} (GQA)")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise ValueError(f"scale must be a number or None, got {scale!r}")
-        self.mech = check_mechanism(mechanism, causal, options)
+        self.mech = check_mechanism_options(mechanism, causal, options)
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, dim // heads
         self.mechanism, self.causal, self.scale, self.options = mechanism, causal, scale, dict(options)
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
