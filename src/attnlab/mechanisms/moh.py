@@ -40,19 +40,20 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     return {"gates": gates}
 
 
-def _broadcastable(gates: Tensor, out: Tensor) -> Tensor:
+def _broadcastable(gates: Tensor, out: Tensor, dtype: torch.dtype) -> Tensor:
+    """gates on out's device in ``dtype``, once they are known to broadcast to [B, H, T, 1]."""
     target = (*out.shape[:3], 1)
     try:
         torch.broadcast_shapes(gates.shape, target)
     except RuntimeError:
         got = tuple(gates.shape)
         raise ValueError(f"gates must broadcast to [B, H, T, 1]={list(target)}, got shape {got}") from None
-    return gates.to(out.device, out.dtype)
+    return gates.to(out.device, dtype)
 
 
 def gate_heads(out: Tensor, gates: Tensor) -> Tensor:
     """out [B, H, T, Dv] times gates (-> [B, H, T, 1]); rows whose gate is exactly 0 are exactly 0."""
-    g = _broadcastable(gates, out)
+    g = _broadcastable(gates, out, out.dtype)
     return torch.where(g != 0, out * g, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
@@ -74,6 +75,6 @@ def oracle(
     if gates is None:
         return _reference.Reference(ref.out, ref.weights, None)
     ct = compute_dtype(q.dtype)
-    weights = ref.weights * _broadcastable(gates, ref.out).to(ct)  # [B, H, T, S]
+    weights = ref.weights * _broadcastable(gates, ref.out, ct)  # [B, H, T, S]
     out = torch.einsum("bhts,bhsd->bhtd", weights, repeat_kv(v.to(ct), q.shape[1] // k.shape[1]))
     return _reference.Reference(out.to(q.dtype), weights, None)
