@@ -24,6 +24,7 @@ from attnlab.mechanisms import (
     dynamic_hierarchical,
     global_local,
     halo,
+    moh,
     multiscale,
     neighborhood,
     prefix_lm,
@@ -288,6 +289,16 @@ MECHANISMS: list[Mechanism] = [
         frozenset({"self_causal", "cross_causal"}),
         example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
         select=dynamic_hierarchical.select,
+    ),
+    Mechanism(
+        "moh",
+        "MoH (mixture-of-head attention), arXiv 2410.11842: gated heads; the layer is nn.MoHAttention",
+        None,  # not one softmax: dense attention rows scaled by per-(token, head) gates
+        {"sdpa": Impl(moh.attention)},
+        moh.check_options,
+        moh.DEFAULTS,
+        example=lambda S: {"gates": torch.full((1, 1, 1, 1), 0.75)},  # per-token gates need T: tests/test_moh.py
+        oracle=moh.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

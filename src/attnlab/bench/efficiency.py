@@ -101,6 +101,9 @@ def bench_options(name: str, T: int) -> dict:
         return _regions(T)
     if name == "dynamic_hierarchical":  # the boundary rule is a labelling pass (O(T^2)); time inference
         return {"chunking": "fixed"}
+    if name == "moh":  # per-token gates, a quarter exactly 0 (routed-off rows); [T, 1] fits any head count
+        g = torch.rand(T, 1, generator=torch.Generator().manual_seed(T)) * 2
+        return {"gates": torch.where(torch.arange(T).view(T, 1) % 4 == 3, 0.0, g)}
     return dict(registry.get(name).defaults)
 
 
