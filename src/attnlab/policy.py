@@ -39,8 +39,16 @@ class Layer:
     mechanism: str
     options: dict = field(default_factory=dict)
     reuse: int | None = None  # HyLRA: attend over this earlier layer's block selection (block_topk)
+    # Flux: a learned per-sequence choice between this layer's mechanism (the full attention) and
+    # {"mechanism": sparse name, "options": {...}}; served by attnlab.nn.TransformerLM
+    route: dict | None = None
 
     def __post_init__(self):
+        if self.route is not None:
+            if not isinstance(self.route, dict) or "mechanism" not in self.route:
+                raise ValueError(f"route must be {{'mechanism': name, 'options': {{...}}}}, got {self.route!r}")
+            sparse = Layer(self.route["mechanism"], self.route.get("options", {}))
+            object.__setattr__(self, "route", {"mechanism": sparse.mechanism, "options": sparse.options})
         if self.reuse is not None and self.mechanism != "block_topk":
             raise ValueError(
                 f"reuse needs the block_topk mechanism (it reuses a block selection), got {self.mechanism}"
@@ -113,6 +121,19 @@ class Policy:
         return cls(tuple(a if i in picks else b for i in range(n_layers)), kind=f"ratio:{rule}")
 
     @classmethod
+    def router(
+        cls, n_layers: int, full: str | tuple[str, dict] = "dense", sparse=("streaming", {"sinks": 128, "window": 1024})
+    ) -> Policy:
+        """Flux: every layer routes each sequence between ``full`` and ``sparse`` (a router per layer,
+        learned; see ``attnlab.nn.router``)."""
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers <= 0:
+            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+        name, options = (full, {}) if isinstance(full, str) else full
+        s_name, s_opts = (sparse, {}) if isinstance(sparse, str) else sparse
+        route = {"mechanism": s_name, "options": dict(s_opts)}
+        return cls(tuple(Layer(name, dict(options), route=route) for _ in range(n_layers)), kind="router")
+
+    @classmethod
     def reuse(cls, steps: list[int], rollback=(), **options) -> Policy:
         """HyLRA: from ``attnlab.reuse.plan``'s per-layer steps. Rollback layers run dense, computing
         layers ``block_topk`` with ``options``, the others reuse their source's selection."""
@@ -133,6 +154,8 @@ class Policy:
         for entry, layer in zip(layers, self.layers):
             if layer.reuse is not None:
                 entry["reuse"] = layer.reuse
+            if layer.route is not None:
+                entry["route"] = layer.route
         return {"kind": self.kind, "layers": layers}
 
     def to_json(self, path=None) -> str:
@@ -146,7 +169,9 @@ class Policy:
     def from_dict(cls, data: dict) -> Policy:
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise ValueError('a policy is a JSON object {"kind": ..., "layers": [{"mechanism": ..., "options": ...}]}')
-        layers = tuple(Layer(x["mechanism"], x.get("options", {}), x.get("reuse")) for x in data["layers"])
+        layers = tuple(
+            Layer(x["mechanism"], x.get("options", {}), x.get("reuse"), x.get("route")) for x in data["layers"]
+        )
         return cls(layers, kind=data.get("kind", "explicit"))
 
     @classmethod

@@ -1,0 +1,119 @@
+"""A small decoder-only language model whose attention layers follow a ``Policy`` (nanoGPT-sized).
+
+    ids [B, T] -> embedding -> n x (x + attn(norm x); x + mlp(norm x)) -> norm -> tied head -> logits
+
+Each layer's attention is ``attnlab.nn.Attention`` with the policy's mechanism and options; Flux
+layers (``route``) are ``RoutedAttention``; HyLRA layers (``reuse``) attend over an earlier layer's
+block selection. Positions: ``"rope"`` everywhere, ``"none"``, or ``"hype"`` (HyPE, MiniCPM-SALA
+arXiv 2602.11761 §7.4: RoPE in linear-family layers, none in softmax layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab import registry
+from attnlab.nn.attention import Attention
+from attnlab.nn.router import RoutedAttention, sparsity_loss
+from attnlab.policy import Policy
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    vocab_size: int
+    dim: int = 128
+    n_layers: int = 4
+    heads: int = 4
+    kv_heads: int | None = None
+    mlp_ratio: int = 4
+    positions: str = "rope"  # "rope" | "none" | "hype"
+    sparsity_target: float = 0.5  # Flux layers: the share of sparse choices the router is pulled toward
+
+    def __post_init__(self):
+        if self.positions not in ("rope", "none", "hype"):
+            raise ValueError(f"positions must be 'rope', 'none' or 'hype', got {self.positions!r}")
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # [B, T, vocab]
+    aux_loss: Tensor  # router sparsity loss (0 when no layer routes); add it to the LM loss
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, layer, index: int):
+        super().__init__()
+        linear = registry.get(layer.mechanism).family != "softmax"
+        rope = cfg.positions == "rope" or (cfg.positions == "hype" and linear)
+        attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads, layer.mechanism, rope=rope, causal=True, **layer.options)
+        self.attn = attn if layer.route is None else RoutedAttention(attn, **_route(layer.route))
+        self.reuse, self.index = layer.reuse, index
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
+        hidden = cfg.mlp_ratio * cfg.dim
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, cfg.dim, bias=False)
+        )
+
+    def forward(self, x: Tensor, selections: dict) -> tuple[Tensor, Tensor | None]:
+        h, z = self.norm1(x), None
+        if isinstance(self.attn, RoutedAttention):
+            h, z = self.attn(h)
+        elif self.attn.mechanism == "block_topk":
+            h = self._block_topk(h, selections)
+        else:
+            h = self.attn(h)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), z
+
+    def _block_topk(self, h: Tensor, selections: dict) -> Tensor:
+        """HyLRA: compute and record this layer's selection, or reuse its source's."""
+        from attnlab.mechanisms import block_topk
+
+        a = self.attn
+        q, k, v = a.project(h)
+        opts = {key: val for key, val in a.options.items() if key != "selection"}
+        if self.reuse is None:
+            selections[self.index] = block_topk.select(q, k, causal=True, scale=a.scale, **opts)
+        sel = selections[self.index if self.reuse is None else self.reuse]
+        return a.merge_heads(
+            registry.attention(q, k, v, "block_topk", causal=True, scale=a.scale, selection=sel, **opts)
+        )
+
+
+def _route(route: dict) -> dict:
+    return {"sparse": route["mechanism"], "sparse_options": route.get("options", {})}
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: LMConfig, policy: Policy | None = None):
+        super().__init__()
+        policy = policy or Policy.explicit(["dense"] * config.n_layers)
+        policy.check(config.n_layers)
+        self.config, self.policy = config, policy
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, layer, i) for i, layer in enumerate(policy.layers))
+        self.norm = nn.RMSNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, ids: Tensor) -> LMOutput:
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"ids must be an integer tensor [B, T], got {getattr(ids, 'shape', ids)!r}")
+        x = self.embed(ids)
+        selections: dict = {}
+        zs = []
+        for block in self.blocks:
+            x, z = block(x, selections)
+            if z is not None:
+                zs.append(z)
+        aux = sparsity_loss(zs, self.config.sparsity_target) if zs else x.new_zeros(())
+        return LMOutput(self.head(self.norm(x)), aux)
+
+    def loss(self, ids: Tensor) -> Tensor:
+        """Next-token cross-entropy plus the auxiliary loss."""
+        out = self(ids[:, :-1])
+        return F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
