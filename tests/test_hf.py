@@ -190,3 +190,15 @@ def test_apply_policy_places_each_layer_and_refuses_bad_policies():
         torch.testing.assert_close(model(ids).logits, eager, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="3 layers but the model has 2"):
         attnlab.hf.apply_policy(model, Policy.explicit(["dense"] * 3))
+
+
+def test_a_mechanism_that_cannot_serve_the_model_fails_before_any_layer_runs():
+    calls = []
+    model = _decoder(_llama, "attnlab_halo", {})
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="halo cannot serve this model's self_causal"):
+        model(torch.zeros(1, 6, dtype=torch.long))
+    model = _decoder(_llama, "attnlab_document", {"lengths": (3, 3)})
+    with pytest.raises(ValueError, match="config.attnlab for document: lengths must"):
+        model(torch.zeros(1, 7, dtype=torch.long))
+    assert not calls

@@ -146,23 +146,31 @@ def layer_setting(module: torch.nn.Module, default: str | None) -> tuple[str, di
 
 def _mask_fn(default: str | None):
     def build(*args, config=None, **kwargs):
-        from transformers.masking_utils import sdpa_mask
+        from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
 
         if config is not None and default is not None:
-            _validate(default, dict(getattr(config, "attnlab", None) or {}))
+            named = dict(zip(("batch_size", "q_length", "kv_length"), args)) | kwargs
+            causal = kwargs.get("mask_function") is not bidirectional_mask_function
+            check(default, named["q_length"], named["kv_length"], causal, getattr(config, "attnlab", None) or {})
         return sdpa_mask(*args, config=config, **kwargs)
 
     return build
 
 
-def _validate(name: str, options: dict) -> None:
+def check(name: str, T: int, S: int, causal: bool, options: dict) -> None:
+    """Can ``name`` with ``options`` serve a (T queries, S keys, causal) attention call? Run before
+    any layer of a forward, so a mechanism that cannot serve the model fails up front, saying why."""
     mech = registry.get(name)
-    unknown = set(options) - set(mech.defaults)
-    if unknown:
+    pat = registry.pattern(T, S, causal)
+    if pat not in mech.patterns:
         raise ValueError(
-            f"config.attnlab for {name} has unknown option(s) {sorted(unknown)}; "
-            f"it accepts: {', '.join(mech.defaults) or 'none'}"
+            f"{name} cannot serve this model's {pat} attention (T={T}, S={S}); "
+            f"it supports {', '.join(sorted(mech.patterns))}"
         )
+    try:
+        registry._options(mech, T, S, causal, dict(options))
+    except ValueError as e:
+        raise ValueError(f"config.attnlab for {name}: {e}") from None
 
 
 def _attention_fn(default: str | None):
