@@ -34,8 +34,46 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_compare(a: str, b: str) -> int:
+    from attnlab.bench import analysis
+
+    try:
+        rows = analysis.compare(analysis.load(a), analysis.load(b))
+    except (ValueError, KeyError, OSError) as e:
+        print(f"attnlab: cannot compare {a} and {b}: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"attnlab: no timed configuration is common to {a} and {b}", file=sys.stderr)
+        return 2
+    print(f"{'mechanism':22} {'T':>6} {'mask':6} {'mode':8} {'time B/A':>9} {'xSDPA B/A':>10}")
+    for r in rows:
+        sp = "-" if r["speedup_ratio"] is None else f"{r['speedup_ratio']:.2f}"
+        flag = "  REGRESSION" if r["regressed"] else ""
+        mask = "causal" if r["causal"] else "full"
+        print(f"{r['mechanism']:22} {r['T']:>6} {mask:6} {r['mode']:8} {r['time_ratio']:>9.2f} {sp:>10}{flag}")
+    return 1 if any(r["regressed"] for r in rows) else 0
+
+
+def _efficiency_lengths(dict_rows: list[dict]) -> None:
+    from attnlab.bench import analysis
+
+    found = analysis.efficiency_lengths(dict_rows)
+    if not found:
+        return
+    print("efficiency length (CAB): T above which the mechanism beats SDPA (quadratic vs linear fit)")
+    for c in found:
+        cells = []
+        for what, T in (("time", c.time_T), ("memory", c.memory_T)):
+            where = "never in fit" if T is None else f"{T:,.0f}" + ("" if c.in_range(T) else " (extrapolated)")
+            cells.append(f"{what} {where}")
+        print(f"  {c.mechanism:22} {'causal' if c.causal else 'full':6} {c.mode:8} " + " · ".join(cells))
+
+
 def cmd_bench(args) -> int:
-    from attnlab.bench import efficiency, report
+    from attnlab.bench import efficiency, plots, report
+
+    if args.compare:
+        return cmd_compare(*args.compare)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,8 +98,12 @@ def cmd_bench(args) -> int:
         rows, gate = efficiency.run(args.mechanisms, **kwargs)
     dict_rows = efficiency.rows_as_dicts(rows)
     report.table(dict_rows, info)
+    _efficiency_lengths(dict_rows)
     out = report.write(dict_rows, info, gate, args.out)
-    print(f"wrote {out}/results.json and results.csv")
+    drawn = plots.write(dict_rows, out)
+    print(f"wrote {out}/results.json and results.csv" + ("" if isinstance(drawn, str) else f" and {len(drawn)} plots"))
+    if isinstance(drawn, str):
+        print(drawn)
     return 1 if any(gate.values()) else 0
 
 
@@ -82,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
     b.add_argument("--flex", nargs="*", default=["sliding_window"], help="mechanisms to time against compiled Flex")
     b.add_argument("--out", default="results")
+    b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="ratios between two result folders; runs nothing")
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     if args.cmd == "check":

@@ -47,6 +47,7 @@ class Row:
     ideal_vs_sdpa: float | None = None
     peak_mib: float | None = None
     peak_vs_qkv: float | None = None
+    sdpa_peak_mib: float | None = None  # SDPA's peak on the same inputs (for memory efficiency lengths)
     build_ms: float | None = None  # building the block layout, once per (T, mask); cached after
     note: str = ""
 
@@ -254,6 +255,10 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     )
     with PeakRSS() as probe:
         ours()
+    with PeakRSS() as base_probe:
+        _call(_sdpa(causal, H != Hkv), q, k, v, mode)()
+    if base_probe.peak is not None:
+        row.sdpa_peak_mib = base_probe.peak / 2**20
     row.median_ms, row.spread, row.repeats = timing.median * 1e3, timing.spread, timing.repeats
     row.vs_sdpa = base.median / timing.median
     if not composite:

@@ -1,0 +1,74 @@
+"""Efficiency-suite analysis: CAB efficiency lengths on synthetic curves, run comparison, plots."""
+
+import json
+
+import pytest
+
+from attnlab import cli
+from attnlab.bench import analysis, plots
+
+
+def test_crossing_of_a_quadratic_and_a_line():
+    T = [1000.0, 2000.0, 4000.0, 8000.0]
+    dense = [1e-6 * t * t for t in T]
+    ours = [1e-3 * t for t in T]  # equal at T = 1000
+    assert analysis.crossing(T, dense, ours) == pytest.approx(1000.0, rel=1e-6)
+    offset = [1e-3 * t + 3.0 for t in T]  # 1e-6 T^2 = 1e-3 T + 3: T^2 - 1000 T - 3e6 = 0
+    assert analysis.crossing(T, dense, offset) == pytest.approx((1000 + 13e6**0.5) / 2, rel=1e-6)
+    # twice dense everywhere: the linear fit of a quadratic is overtaken only by extrapolation
+    assert analysis.crossing(T, dense, [2 * d for d in dense]) > max(T)
+    linear = [1e-3 * t for t in T]  # a "dense" that does not grow quadratically never loses to a slower line
+    assert analysis.crossing(T, linear, [2 * x for x in linear]) is None
+    assert analysis.crossing(T, dense, [0.1 * d for d in dense]) == 0.0  # wins at every length
+
+
+def _row(name, T, ms, vs, causal=True, mode="fwd", **kw):
+    return {
+        "mechanism": name,
+        "T": T,
+        "causal": causal,
+        "mode": mode,
+        "options": "",
+        "median_ms": ms,
+        "vs_sdpa": vs,
+        "density": kw.get("density", 0.1),
+        "peak_mib": kw.get("peak", 1.0 * T / 1000),
+        "sdpa_peak_mib": kw.get("sdpa_peak", 2.0 * T / 1000),
+    }
+
+
+def test_efficiency_lengths_from_rows():
+    rows = []
+    for T in (1000, 2000, 4000):
+        dense_ms = 1e-6 * T * T
+        rows.append(_row("w", T, 2e-3 * T, dense_ms / (2e-3 * T)))
+        rows.append(_row("dense", T, dense_ms, 1.0))
+    (c,) = analysis.efficiency_lengths(rows)
+    assert c.mechanism == "w" and c.time_T == pytest.approx(2000, rel=1e-6) and c.in_range(c.time_T)
+    assert c.memory_T == 0.0  # half of SDPA's memory at every length
+
+
+def _write(tmp_path, name, rows):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"machine": {}, "gate": {}, "rows": rows}))
+    return folder
+
+
+def test_compare_flags_a_regression_and_cli_exit_codes(tmp_path, capsys):
+    a = _write(tmp_path, "a", [_row("w", 1024, 10.0, 4.0), _row("x", 1024, 10.0, 2.0)])
+    b = _write(tmp_path, "b", [_row("w", 1024, 20.0, 2.0), _row("x", 1024, 10.0, 2.1)])
+    rows = {r["mechanism"]: r for r in analysis.compare(analysis.load(a), analysis.load(b))}
+    assert rows["w"]["regressed"] and rows["w"]["time_ratio"] == 2.0 and not rows["x"]["regressed"]
+    assert cli.main(["bench", "--compare", str(a), str(b)]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert cli.main(["bench", "--compare", str(a), str(a)]) == 0
+    assert cli.main(["bench", "--compare", str(a), str(tmp_path / "missing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_plots_are_written(tmp_path):
+    rows = [_row(n, T, 1e-3 * T, 2.0) for n in ("dense", "w") for T in (1000, 2000)]
+    paths = plots.write(rows, tmp_path)
+    assert [p.name for p in paths] == ["latency_fwd.png", "speedup_vs_density.png", "memory.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
