@@ -20,6 +20,7 @@ from attnlab.kernels import BlockLayout
 from attnlab.mechanisms import (
     block_topk,
     dense,
+    dha,
     document,
     dynamic_hierarchical,
     global_local,
@@ -285,6 +286,17 @@ MECHANISMS: list[Mechanism] = [
         frozenset({"self_causal", "cross_causal"}),
         example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
         select=dynamic_hierarchical.select,
+    ),
+    Mechanism(
+        "dha",
+        "DHA (decoupled-head attention), arXiv 2406.06567",
+        dha.mask,  # dense per head; the groupings only route query heads to kv heads
+        {"grouped_sdpa": Impl(dha.attention)},
+        dha.check_options,
+        dha.DEFAULTS,
+        example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},
+        oracle=dha.oracle,
+        layout=dha.block_layout,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
