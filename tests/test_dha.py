@@ -1,5 +1,7 @@
 """DHA: decoupled key/value head groupings (runtime), and MHA -> DHA conversion."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 
 import attnlab
 from attnlab import convert
-from attnlab.bench.conversion import prototype_mha
+from attnlab.bench.dha import prototype_mha
 from attnlab.mechanisms import dha
 from attnlab.nn import DecoupledHeadAttention
 from attnlab.testing import TOLERANCES
@@ -28,6 +30,17 @@ def by_hand(q, k, v, key_groups, value_groups, causal):
         weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
         outs.append(weights @ v[:, value_groups[h]])
     return torch.stack(outs, dim=1)
+
+
+@contextlib.contextmanager
+def per_group_size_calls(on: bool):
+    """Force the one-call-per-group-size path on CPU (the path GPUs take) when ``on``."""
+    saved = dha.GATHER_ON_CPU
+    dha.GATHER_ON_CPU = not on
+    try:
+        yield
+    finally:
+        dha.GATHER_ON_CPU = saved
 
 
 # -- runtime ---------------------------------------------------------------------------------------
@@ -67,15 +80,18 @@ def test_plan_runs_one_dense_call_per_group_size_and_skips_copies_for_gqa():
     assert inverse is not None and sorted(h for b in buckets for h in b.heads) == list(range(5))
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["gathered", "per-size"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("T", "S", "causal"), [(10, 10, True), (12, 7, True), (6, 11, False)])
-def test_forward_and_grads_match_the_oracle(dtype, T, S, causal):
+def test_forward_and_grads_match_the_oracle(dtype, T, S, causal, split):
     key_groups, value_groups = (1, 0, 2, 2, 0, 1), (0, 1, 1, 0, 1, 1)
     leaves = [rand(2, 6, T, 8, dtype=dtype), rand(2, 3, S, 8, dtype=dtype), rand(2, 2, S, 4, dtype=dtype)]
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     leaves = [t.requires_grad_() for t in leaves]
     opts = {"causal": causal, "key_groups": key_groups, "value_groups": value_groups}
-    got, want = dha.attention(*leaves, **opts), dha.oracle(*ref_leaves, **opts)
+    with per_group_size_calls(split):
+        got = dha.attention(*leaves, **opts)
+    want = dha.oracle(*ref_leaves, **opts)
     (o_atol, o_rtol), (g_atol, g_rtol) = TOLERANCES[dtype]
     torch.testing.assert_close(got.out, want.out, atol=o_atol, rtol=o_rtol)
     if T > S and causal:
@@ -87,8 +103,10 @@ def test_forward_and_grads_match_the_oracle(dtype, T, S, causal):
 
 def test_gradcheck_fast_path_and_oracle():
     q, k, v = rand(1, 3, 3, 2, grad=True), rand(1, 2, 4, 2, grad=True), rand(1, 2, 4, 2, grad=True)
-    opts = {"causal": True, "key_groups": (1, 0, 1), "value_groups": (0, 0, 1)}
-    assert torch.autograd.gradcheck(lambda *t: dha.attention(*t, **opts).out, (q, k, v))
+    opts = {"causal": True, "key_groups": (1, 0, 1), "value_groups": (0, 0, 1)}  # two group sizes
+    for split in (False, True):
+        with per_group_size_calls(split):
+            assert torch.autograd.gradcheck(lambda *t: dha.attention(*t, **opts).out, (q, k, v))
     assert torch.autograd.gradcheck(lambda *t: dha.oracle(*t, **opts).out, (q, k, v))
 
 
@@ -105,13 +123,15 @@ def groupings(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(groupings(), st.integers(1, 9), st.integers(1, 9), st.booleans(), st.integers(0, 2**16))
-def test_fuzz_groupings_against_the_oracle(g, T, S, causal, seed):
+@given(groupings(), st.integers(1, 9), st.integers(1, 9), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_fuzz_groupings_against_the_oracle(g, T, S, causal, split, seed):
     H, Hk, Hv, key_groups, value_groups = g
     torch.manual_seed(seed)
     q, k, v = rand(1, H, T, 4), rand(1, Hk, S, 4), rand(1, Hv, S, 3)
     opts = {"causal": causal, "key_groups": key_groups, "value_groups": value_groups}
-    got, want = dha.attention(q, k, v, **opts), dha.oracle(q, k, v, **opts)
+    with per_group_size_calls(split):
+        got = dha.attention(q, k, v, **opts)
+    want = dha.oracle(q, k, v, **opts)
     torch.testing.assert_close(got.out, want.out, atol=1e-10, rtol=1e-10)
     assert torch.equal(torch.isneginf(got.lse), torch.isneginf(want.lse))
     torch.testing.assert_close(got.out, by_hand(q, k, v, key_groups, value_groups, causal), atol=1e-10, rtol=1e-10)

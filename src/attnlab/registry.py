@@ -296,7 +296,6 @@ MECHANISMS: list[Mechanism] = [
         dha.DEFAULTS,
         example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},
         oracle=dha.oracle,
-        layout=dha.block_layout,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
