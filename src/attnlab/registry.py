@@ -20,6 +20,7 @@ from attnlab.kernels import BlockLayout
 from attnlab.mechanisms import (
     block_topk,
     dense,
+    dha,
     document,
     dynamic_hierarchical,
     global_local,
@@ -299,6 +300,16 @@ MECHANISMS: list[Mechanism] = [
         moh.DEFAULTS,
         example=lambda S: {"gates": torch.full((1, 1, 1, 1), 0.75)},  # per-token gates need T: tests/test_moh.py
         oracle=moh.oracle,
+    ),
+    Mechanism(
+        "dha",
+        "DHA (decoupled-head attention), arXiv 2406.06567",
+        dha.mask,  # dense per head; the groupings only route query heads to kv heads
+        {"grouped_sdpa": Impl(dha.attention)},
+        dha.check_options,
+        dha.DEFAULTS,
+        example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},
+        oracle=dha.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

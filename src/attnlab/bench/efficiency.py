@@ -100,6 +100,8 @@ def bench_options(name: str, T: int) -> dict:
         return {"sinks": 64, "window": 512}
     if name == "region":
         return _regions(T)
+    if name == "dha":  # decoupled groupings; under GQA shapes they differ and the gather path runs
+        return {"key_groups": "strided", "value_groups": "contiguous"}
     if name == "dynamic_hierarchical":  # the boundary rule is a labelling pass (O(T^2)); time inference
         return {"chunking": "fixed"}
     if name == "moh":  # per-token gates, a quarter exactly 0 (routed-off rows); [T, 1] fits any head count

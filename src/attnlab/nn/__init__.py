@@ -1,7 +1,8 @@
-"""Layers: the drop-in attention module, the head-structured layers built on attnlab.attention, the
-Flux router and a small policy-driven language model."""
+"""Layers: the drop-in attention module, the head-structured layers whose mechanisms need parameters
+beyond q, k, v (DESIGN §3.5, §4), the Flux router and a small policy-driven language model."""
 
 from attnlab.nn.attention import Attention
+from attnlab.nn.dha import DecoupledHeadAttention
 from attnlab.nn.lm import LMConfig, LMOutput, TransformerLM
 from attnlab.nn.moh import MoHAttention, MoHOutput, Routing
 from attnlab.nn.rope import RotaryEmbedding
@@ -9,6 +10,7 @@ from attnlab.nn.router import FluxRouter, RoutedAttention
 
 __all__ = [
     "Attention",
+    "DecoupledHeadAttention",
     "FluxRouter",
     "LMConfig",
     "LMOutput",
