@@ -72,3 +72,15 @@ def test_plots_are_written(tmp_path):
     paths = plots.write(rows, tmp_path)
     assert [p.name for p in paths] == ["latency_fwd.png", "speedup_vs_density.png", "memory.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
+    from attnlab.bench.patterns import PATTERNS
+
+    assert cli.main(["bench", "--patterns", "all", "--lengths", "128", "--modes", "fwd", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert [r["pattern"] for r in rows] == list(PATTERNS)
+    assert all(r["median_ms"] is not None and 0 < r["density"] <= 1 for r in rows)
+    dense = {r["pattern"]: r["density"] for r in rows}
+    assert dense["full"] == 1.0 and dense["document"] < dense["causal"]

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from attnlab import registry
+from attnlab.bench.patterns import PATTERNS
 
 
 def cmd_list(args) -> int:
@@ -88,14 +89,16 @@ def cmd_bench(args) -> int:
         dtype=dtype,
         flex=tuple(args.flex),
         causal=tuple(m == "causal" for m in args.masks),
+        patterns=tuple(PATTERNS) if args.patterns == ["all"] else tuple(args.patterns),
     )
+    names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
     try:
         from rich.progress import Progress
 
         with Progress(transient=True) as progress:
-            rows, gate = efficiency.run(args.mechanisms, progress=progress, **kwargs)
+            rows, gate = efficiency.run(names, progress=progress, **kwargs)
     except ImportError:
-        rows, gate = efficiency.run(args.mechanisms, **kwargs)
+        rows, gate = efficiency.run(names, **kwargs)
     dict_rows = efficiency.rows_as_dicts(rows)
     report.table(dict_rows, info)
     _efficiency_lengths(dict_rows)
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], default="fp32")
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
     b.add_argument("--flex", nargs="*", default=["sliding_window"], help="mechanisms to time against compiled Flex")
+    b.add_argument(
+        "--patterns", nargs="*", default=[], choices=["all", *PATTERNS], help="LongCA-bench mask patterns to sweep too"
+    )
     b.add_argument("--out", default="results")
     b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="ratios between two result folders; runs nothing")
     b.set_defaults(fn=cmd_bench)

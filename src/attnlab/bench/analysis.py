@@ -66,9 +66,11 @@ def efficiency_lengths(rows: list[dict]) -> list[Crossing]:
     for r in rows:
         if r.get("median_ms") is None or r.get("vs_sdpa") is None or r["mechanism"] == "dense":
             continue
-        groups.setdefault((r["mechanism"], r["causal"], r["mode"]), []).append(r)
+        groups.setdefault((r.get("pattern") or r["mechanism"], r["causal"], r["mode"]), []).append(r)
     out = []
     for (name, causal, mode), rs in groups.items():
+        if len({r["T"] for r in rs}) < 2:
+            continue  # a fit needs two lengths
         rs.sort(key=lambda r: r["T"])
         T = [float(r["T"]) for r in rs]
         ours = [r["median_ms"] for r in rs]

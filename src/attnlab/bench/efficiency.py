@@ -50,6 +50,7 @@ class Row:
     sdpa_peak_mib: float | None = None  # SDPA's peak on the same inputs (for memory efficiency lengths)
     build_ms: float | None = None  # building the block layout, once per (T, mask); cached after
     note: str = ""
+    pattern: str = ""  # the LongCA-bench mask pattern this row times (pattern sweep), else empty
 
 
 def _grid(T: int) -> tuple[int, int]:
@@ -168,13 +169,17 @@ def run(
     dtype: torch.dtype = torch.float32,
     flex: tuple[str, ...] = ("sliding_window",),
     causal: tuple[bool, ...] = (False, True),
+    patterns: tuple[str, ...] = (),
     progress=None,
 ) -> tuple[list[Row], dict[str, list[str]]]:
-    """Gate, then time. Returns the rows and the gate failures (mechanisms that failed get no speed)."""
-    names = names or registry.mechanisms()
+    """Gate, then time every mechanism (``names``; [] for none) and every LongCA-bench mask pattern in
+    ``patterns``. Returns the rows and the gate failures (mechanisms that failed get no speed)."""
+    from attnlab.bench.patterns import PATTERNS
+
+    names = registry.mechanisms() if names is None else list(names)
     cfg = PRESETS[preset]
     lengths = lengths or cfg["lengths"]
-    failures = gate(names)
+    failures = gate(list(dict.fromkeys(names + [PATTERNS[p][0] for p in patterns])))
     ctx = {
         "shape": shape,
         "dtype": dtype,
@@ -183,22 +188,26 @@ def run(
         "flex": flex,
         "flex_lengths": lengths if preset == "full" else (max(lengths),),
     }
-    plan = []
+    plan = []  # (pattern label, mechanism, T, causal, mode, options at T)
     for name in names:
         mech = registry.get(name)
         for T in lengths:
             for c in causal:
                 if registry.pattern(T, T, c) in mech.patterns:
-                    plan += [(name, T, c, mode) for mode in modes]
+                    plan += [("", name, T, c, mode, bench_options) for mode in modes]
+    for label in patterns:
+        name, opts_at, c = PATTERNS[label]
+        plan += [(label, name, T, c, mode, lambda _, T, f=opts_at: f(T)) for T in lengths for mode in modes]
     rows = []
     task = progress.add_task("benchmarking", total=len(plan)) if progress else None
-    for name, T, causal, mode in plan:
+    for label, name, T, causal, mode, options_at in plan:
         mech = registry.get(name)
-        opts = bench_options(name, T)
-        row = Row(name, "auto", T, causal, mode, ", ".join(f"{k}={_short(v)}" for k, v in opts.items()))
+        opts = options_at(name, T)
+        row = Row(name, "auto", T, causal, mode, ", ".join(f"{k}={_short(v)}" for k, v in opts.items()), pattern=label)
         rows.append(row)
         if progress:
-            progress.update(task, description=f"{name} T={T} {'causal' if causal else 'full'} {mode}")
+            what = label or f"{name} {'causal' if causal else 'full'}"
+            progress.update(task, description=f"{what} T={T} {mode}")
         if failures[name]:
             row.note = f"FAILED correctness gate ({len(failures[name])} cases); speed not reported"
         else:
@@ -269,7 +278,7 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     if probe.peak is not None:
         row.peak_mib, row.peak_vs_qkv = probe.peak / 2**20, probe.peak / qkv_bytes
-    if mode == "fwd" and mech.name in ctx["flex"] and T in ctx["flex_lengths"]:
+    if mode == "fwd" and (mech.name in ctx["flex"] or row.pattern) and T in ctx["flex_lengths"]:
         flex = _flex_step(mech.name, T, causal, opts, ctx["shape"], q, k, v)
         if isinstance(flex, str):
             row.note = flex

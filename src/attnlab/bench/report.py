@@ -54,7 +54,7 @@ COLUMNS = [
 
 def table(rows: list[dict], info: dict) -> None:
     """Print the table with rich when installed, plain text otherwise; notes follow the table."""
-    rows = [{**r, "pattern": "causal" if r["causal"] else "full"} for r in rows]
+    rows = [{**r, "pattern": r.get("pattern") or ("causal" if r["causal"] else "full")} for r in rows]
     notes = [f"{r['mechanism']} T={r['T']} {r['pattern']} {r['mode']}: {r['note']}" for r in rows if r["note"]]
     cells = [[_fmt(r[key], spec) if spec else str(r[key]) for _, key, spec in COLUMNS] for r in rows]
     title = f"attnlab bench — {info['cpu']} · {info['threads']} threads · torch {info['torch']}"
