@@ -20,6 +20,7 @@ from attnlab.kernels import BlockLayout
 from attnlab.mechanisms import (
     block_topk,
     dense,
+    differential,
     document,
     dynamic_hierarchical,
     global_local,
@@ -285,6 +286,16 @@ MECHANISMS: list[Mechanism] = [
         frozenset({"self_causal", "cross_causal"}),
         example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
         select=dynamic_hierarchical.select,
+    ),
+    Mechanism(
+        "differential",
+        "DIFF Transformer, arXiv 2410.05258; Grouped Differential Attention (GDA), arXiv 2510.06949",
+        None,  # two softmax maps subtracted: the oracle materializes both
+        {"two_maps": Impl(differential.attention)},
+        differential.check_options,
+        differential.DEFAULTS,
+        example=lambda S: {"lam": 0.7},
+        oracle=differential.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
