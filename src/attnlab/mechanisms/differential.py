@@ -38,8 +38,10 @@ Spec ambiguities (spec/mechanisms.md §2C) and other choices:
 
 Fast path: the dense fast softmax attention (PyTorch's fused kernel, or the block-sparse executor
 for bottom-right causal cross-attention) run twice, once per map: H signal maps and H/G noise maps.
-Neither T x S map is materialized. The oracle materializes both maps and returns A1 − λA2 as the
-weights; there is no single softmax, so no log-sum-exp.
+Neither T x S map is materialized. For the fused kernel each map's d-wide query is zero-extended to
+2d against the packed keys (exact; see ``_one_map``), which keeps the kernel at its fast width.
+The oracle materializes both maps and returns A1 − λA2 as the weights; there is no single
+softmax, so no log-sum-exp.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab import reference as _reference
@@ -98,16 +101,45 @@ def _half(q: Tensor, k: Tensor, v: Tensor) -> int:
     return D // 2
 
 
-def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    """One softmax map, never materialized: the fused kernel, or the executor where it can't run."""
-    if dense.sdpa_supports(q, k, v, causal) is None:
-        return dense.sdpa(q, k, v, causal=causal, scale=scale).out
-    return dense.blocksparse(q, k, v, causal=causal, scale=scale).out
+def _half_mask(like: Tensor, which: int) -> Tensor:
+    """[2d] ones on the which-th half, zeros on the other, in like's dtype."""
+    d = like.shape[-1] // 2
+    mask = like.new_zeros(2 * d)
+    mask[which * d : (which + 1) * d] = 1
+    return mask
 
 
-def group_noise_queries(q_noise: Tensor, groups: int) -> Tensor:
-    """[B, H, T, d] -> [B, H/G, T, d]: one noise query per group of G consecutive heads (their mean)."""
-    return q_noise if groups == 1 else q_noise.unflatten(1, (-1, groups)).mean(2)
+def _one_map(q_ext: Tensor, k: Tensor, v: Tensor, which: int, causal: bool, scale: float) -> Tensor:
+    """One softmax map, never materialized. q_ext [B, h, T, 2d] holds the map's query in its which-th
+    half and zeros in the other, so q_ext · k over 2d is the map's logit q_half · k_half."""
+    d = q_ext.shape[-1] // 2
+    if dense.sdpa_supports(q_ext, k, v, causal) is None:
+        # The fused CPU kernel wants one head width for q, k and v and runs d = 32 slower than
+        # 64: at 2d against the packed keys it reads k as it is, with no copy or padding of k.
+        return dense.sdpa(q_ext, k, v, causal=causal, scale=scale).out
+    half = slice(which * d, (which + 1) * d)
+    return dense.blocksparse(q_ext[..., half], k[..., half], v, causal=causal, scale=scale).out
+
+
+def _differential(q_signal: Tensor, q_noise: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, lam) -> Tensor:
+    """q_signal [B, H, T, 2d] = (Q1 | 0), q_noise [B, H/G, T, 2d] = (0 | Q2), k [B, Hkv, S, 2d] = (K1 | K2),
+    v [B, Hkv, S, Dv] -> [B, H, T, Dv]."""
+    (B, H, T, _), Hn, Dv = q_signal.shape, q_noise.shape[1], v.shape[-1]
+    ct = compute_dtype(q_signal.dtype)
+    lam = _lam(lam, H, ct, q_signal.device)
+    signal = _one_map(q_signal, k, v, 0, causal, scale).to(ct).unflatten(1, (Hn, H // Hn))  # [B, H/G, G, T, Dv]
+    noise = _one_map(q_noise, k, v, 1, causal, scale).to(ct).unsqueeze(2)  # [B, H/G, 1, T, Dv]
+    # the G signal heads of a group meet their one noise map by broadcasting, not by a copy
+    if isinstance(lam, Tensor):
+        out = torch.addcmul(signal, lam.view(1, Hn, H // Hn, 1, 1), noise, value=-1.0)
+    else:
+        out = torch.add(signal, noise, alpha=-lam)
+    return out.view(B, H, T, Dv).to(q_signal.dtype)
+
+
+def group_noise_queries(q: Tensor, groups: int) -> Tensor:
+    """[B, H, T, E] -> [B, H/G, T, E]: the mean over each group of G consecutive heads."""
+    return q if groups == 1 else q.unflatten(1, (-1, groups)).mean(2)
 
 
 def split_attention(
@@ -137,15 +169,9 @@ def split_attention(
     _check_groups(G, H, Hkv)
     check_qkv(q_noise, k_noise, v)
     scale = resolve_scale(scale, d)
-    ct = compute_dtype(q_signal.dtype)
-    lam = _lam(lam, H, ct, q_signal.device)
-    if isinstance(lam, Tensor):
-        lam = lam.view(1, Hn, G, 1, 1)
-    signal = _softmax_attention(q_signal, k_signal, v, causal, scale).to(ct)  # [B, H, T, Dv]
-    noise = _softmax_attention(q_noise, k_noise, v, causal, scale).to(ct)  # [B, H/G, T, Dv]
-    # the G signal heads of a group meet their one noise map by broadcasting, not by a copy
-    out = signal.unflatten(1, (Hn, G)) - lam * noise.unsqueeze(2)  # [B, H/G, G, T, Dv]
-    return out.view(B, H, T, Dv).to(q_signal.dtype)
+    k = torch.cat([k_signal, k_noise], dim=-1)  # [B, Hkv, S, 2d]
+    q_signal, q_noise = F.pad(q_signal, (0, d)), F.pad(q_noise, (d, 0))  # (Q1 | 0), (0 | Q2)
+    return _differential(q_signal, q_noise, k, v, causal, scale, lam)
 
 
 def attention(
@@ -155,8 +181,9 @@ def attention(
     k [B, Hkv, S, 2d], v [B, Hkv, S, Dv] -> out [B, H, T, Dv]; no LSE (not one softmax)."""
     d = _half(q, k, v)
     _check_groups(groups, q.shape[1], k.shape[1])
-    q_noise = group_noise_queries(q[..., d:], groups)
-    out = split_attention(q[..., :d], q_noise, k[..., :d], k[..., d:], v, causal=causal, scale=scale, lam=lam)
+    q_signal = q * _half_mask(q, 0)  # (Q1 | 0)
+    q_noise = group_noise_queries(q, groups) * _half_mask(q, 1)  # (0 | mean of the group's Q2)
+    out = _differential(q_signal, q_noise, k, v, causal, resolve_scale(scale, d), lam)
     return AttentionOutput(out, None)
 
 
