@@ -19,9 +19,9 @@ How q, k, v carry the two maps (our layout, the contract's shapes kept)::
 
 This is unilm's weight layout as it stands: its q projection reshaped into 2H heads of width d with
 adjacent pairs (2i, 2i+1) = (Q1_i, Q2_i) is exactly [H, 2d] with the halves above; keys likewise.
-With ``groups=G`` the noise query of group g is the mean of the noise halves of its G heads; a
-caller holding one noise query per group (GDA's own parameterization, see
-:func:`split_attention`) repeats it into each member, and the mean returns it unchanged.
+With ``groups=G`` the noise query of group g is the mean of the noise halves of its G heads. A
+caller holding one noise query per group (GDA's own parameterization) passes it to
+:func:`split_attention`, or repeats it into each member's noise half here (the mean returns it).
 
 Spec ambiguities (spec/mechanisms.md §2C) and other choices:
 
@@ -32,8 +32,13 @@ Spec ambiguities (spec/mechanisms.md §2C) and other choices:
   RMSNorm and the (1 − λ_init) factor are layer parameters and live in
   :class:`attnlab.nn.DifferentialAttention`: the paper applies them after the subtraction, to the
   attention output, so the functional core stops at (A1 − λA2) V.
+* GDA head layout: the G signal heads sharing noise map g are the consecutive heads gG .. gG+G−1
+  (the spec's canonical block order). :class:`attnlab.nn.DifferentialAttention` reads Motif-2's
+  stripe-ordered projections into this order.
 * GDA and GQA: a noise map is shared only inside one kv group (as in Motif-2, where the noise groups
-  nest in the key/value groups), so ``groups`` must divide H/Hkv. GDA's values are per group (Motif).
+  nest in the key/value groups), so ``groups`` must divide H/Hkv. Values are per kv group, as in
+  Motif-2; the spec's ``value_per_signal_head`` alternative is not offered.
+* ``lam`` defaults to 0.8, the limit of the paper's λ_init schedule (deep layers).
 * A query row with no allowed key outputs 0 (both maps are empty there).
 
 Fast path: the dense fast softmax attention (PyTorch's fused kernel, or the block-sparse executor
