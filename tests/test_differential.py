@@ -126,7 +126,7 @@ def test_oracle_gradcheck(causal):
 
 def test_fast_path_never_materializes_t_by_s():
     """Self (the fused kernel) and bottom-right causal cross (the executor), forward and backward."""
-    for T, S, causal in ((1024, 1024, False), (1024, 1024, True), (512, 1024, True)):
+    for T, S, causal in ((512, 512, False), (512, 512, True), (512, 1024, True)):
         q, k, v = (t.requires_grad_() for t in qkv(H=2, Hkv=1, T=T, S=S, D=16, Dv=16, dtype=torch.float32))
         attnlab.attention(q, k, v, "differential", causal=causal, groups=2)  # builds and caches the layout
         with LargestTensor() as probe:
@@ -134,7 +134,7 @@ def test_fast_path_never_materializes_t_by_s():
         assert probe.numel <= T * S // 8, (T, S, causal, probe.numel)  # one query block x all keys at most
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     B=st.integers(1, 2),
     Hkv=st.integers(1, 2),
