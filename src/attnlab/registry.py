@@ -21,6 +21,7 @@ from attnlab.mechanisms import (
     block_topk,
     dense,
     dha,
+    differential,
     document,
     dynamic_hierarchical,
     global_local,
@@ -310,6 +311,16 @@ MECHANISMS: list[Mechanism] = [
         dha.DEFAULTS,
         example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},
         oracle=dha.oracle,
+    ),
+    Mechanism(
+        "differential",
+        "DIFF Transformer, arXiv 2410.05258; Grouped Differential Attention (GDA), arXiv 2510.06949",
+        None,  # two softmax maps subtracted: the oracle materializes both
+        {"two_maps": Impl(differential.attention)},
+        differential.check_options,
+        differential.DEFAULTS,
+        example=lambda S: {"lam": 0.7},
+        oracle=differential.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

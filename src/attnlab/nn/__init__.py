@@ -3,6 +3,7 @@ beyond q, k, v (DESIGN §3.5, §4), the Flux router and a small policy-driven la
 
 from attnlab.nn.attention import Attention
 from attnlab.nn.dha import DecoupledHeadAttention
+from attnlab.nn.differential import DifferentialAttention
 from attnlab.nn.lm import LMConfig, LMOutput, TransformerLM
 from attnlab.nn.moh import MoHAttention, MoHOutput, Routing
 from attnlab.nn.rope import RotaryEmbedding
@@ -11,6 +12,7 @@ from attnlab.nn.router import FluxRouter, RoutedAttention
 __all__ = [
     "Attention",
     "DecoupledHeadAttention",
+    "DifferentialAttention",
     "FluxRouter",
     "LMConfig",
     "LMOutput",
