@@ -22,6 +22,7 @@ from attnlab.mechanisms import (
     dense,
     document,
     dynamic_hierarchical,
+    fixed_pattern,
     global_local,
     halo,
     multiscale,
@@ -285,6 +286,16 @@ MECHANISMS: list[Mechanism] = [
         frozenset({"self_causal", "cross_causal"}),
         example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
         select=dynamic_hierarchical.select,
+    ),
+    Mechanism(
+        "fixed_pattern",
+        "Deconstructing Attention, arXiv 2510.11602; sigmoid attention, arXiv 2409.04431",
+        None,  # not a softmax under a mask: the oracle materializes the normalized weights
+        {"chunked": Impl(fixed_pattern.attention)},
+        fixed_pattern.check_options,
+        fixed_pattern.DEFAULTS,
+        example=lambda S: {"kind": "relu"},
+        oracle=fixed_pattern.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
