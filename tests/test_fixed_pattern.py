@@ -200,3 +200,42 @@ def test_fuzz_against_oracle(shape, kind, causal, chunk, seed):
         assert not compare_to_reference("fixed_pattern", q, k, v, causal=causal, **opts)
     finally:
         fixed_pattern.CHUNK_ELEMENTS = old
+
+
+# -- the learned-pattern module ------------------------------------------------------------------------
+
+
+def test_module_starts_uniform_and_follows_its_logits():
+    from attnlab.nn import FixedPatternAttention
+
+    torch.manual_seed(0)
+    m = FixedPatternAttention(12, 3, max_len=10).double()
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    v = m.v(x).view(2, 7, 3, 4).transpose(1, 2)
+    prefix_mean = v.cumsum(2) / torch.arange(1, 8, dtype=torch.float64).view(7, 1)
+    torch.testing.assert_close(m(x), m.o(prefix_mean.transpose(1, 2).flatten(-2)))
+    with torch.no_grad():
+        m.logits.normal_()
+    logits = m.logits[:, :7, :7].masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(logits, -1) @ v
+    torch.testing.assert_close(m(x), m.o(want.transpose(1, 2).flatten(-2)))
+    m(x).sum().backward()
+    grad = m.logits.grad
+    assert grad[:, :7, :7].tril().abs().sum() > 0
+    assert grad[:, :7, :7].triu(1).abs().max() == 0 and grad[:, 7:].abs().max() == 0
+
+
+def test_module_bad_options_and_lengths():
+    from attnlab.nn import FixedPatternAttention
+
+    with pytest.raises(ValueError, match="max_len must be a positive int"):
+        FixedPatternAttention(12, 3, max_len=0)
+    with pytest.raises(ValueError, match="dim must be a multiple of heads"):
+        FixedPatternAttention(13, 3, max_len=8)
+    m = FixedPatternAttention(12, 3, max_len=8, causal=False)
+    with pytest.raises(ValueError, match="sequence length must be in \\[1, max_len=8\\]"):
+        m(torch.randn(1, 9, 12))
+    with pytest.raises(ValueError, match="x must be \\[B, L, 12\\]"):
+        m(torch.randn(1, 4, 10))
+    p = m.pattern(5)
+    torch.testing.assert_close(p, torch.full((3, 5, 5), 0.2))  # non-causal: uniform over all keys
