@@ -101,6 +101,8 @@ def bench_options(name: str, T: int) -> dict:
         return _regions(T)
     if name == "dynamic_hierarchical":  # the boundary rule is a labelling pass (O(T^2)); time inference
         return {"chunking": "fixed"}
+    if name == "fixed_pattern":  # the uniform default is a prefix mean; time a kind that scores q·k
+        return {"kind": "sigmoid"}
     return dict(registry.get(name).defaults)
 
 

@@ -36,7 +36,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -107,33 +106,44 @@ def _uniform(v: Tensor, H: int, T: int, causal: bool, ct: torch.dtype) -> Tensor
     return repeat_kv(out, H // Hkv)
 
 
-def _normalize_rows(n: Tensor) -> Tensor:
-    """n / row sum; all-zero rows stay 0 (the where keeps their gradient finite too)."""
-    den = n.sum(-1, keepdim=True)
-    return n / torch.where(den > 0, den, torch.ones_like(den))
+def _numerators(kind: str, qc, kc, w, scale: float, bias) -> Tensor:
+    """Unnormalized weights of one chunk against keys kc: [B, Hkv, g, C, s], or [1|Hkv, 1|g, C, s] for
+    given weights (they broadcast over the batch in the matmul)."""
+    B, Hkv, g, C, D = qc.shape
+    if kind == "fixed":
+        return w.reshape(1 if w.shape[0] == 1 else Hkv, 1 if w.shape[0] == 1 else g, C, -1)
+    # scale folded into q (C x D work, not C x s); in-place ops on the fresh matmul output are
+    # autograd-safe (matmul does not keep its output; sigmoid/relu keep theirs)
+    z = ((qc * scale).reshape(B, Hkv, g * C, D) @ kc.transpose(-1, -2)).view(B, Hkv, g, C, -1)
+    return z.add_(bias).sigmoid_() if kind == "sigmoid" else z.relu_()
 
 
 def _chunk(qc, kc, vc, w, *, kind: str, scale: float, bias, causal: bool, offset: int):
     """One query chunk. qc [B, Hkv, g, C, D], kc [B, Hkv, s, D], vc [B, Hkv, s, Dv], w [1|H, C, s] or
-    None; ``offset`` = key position of the chunk's first row. Returns [B, Hkv, g, C, Dv]."""
-    B, Hkv, g, C, D = qc.shape
+    None; ``offset`` = key position of the chunk's first row. Returns [B, Hkv, g, C, Dv].
+
+    Keys split in two: those every row of the chunk sees (j <= offset; no mask at all) and the
+    causal diagonal (j > offset, masked by the chunk's own predicate j <= offset + row). The row
+    normalization divides the [C, Dv] output instead of the [C, s] weights.
+    """
+    B, Hkv, g, C, _ = qc.shape
     s = kc.shape[2]
-    allowed = None
-    if causal:  # the chunk's own predicate: row r (position offset + r) sees keys j <= offset + r
-        allowed = torch.arange(s, device=kc.device).view(1, s) <= torch.arange(C, device=kc.device).view(C, 1) + offset
-    if kind == "fixed":
-        p = w.reshape(1 if w.shape[0] == 1 else Hkv, 1 if w.shape[0] == 1 else g, C, s)  # [1|Hkv, 1|g, C, s]
-        if allowed is not None:
-            p = torch.where(allowed, p, 0.0)
-        p = _normalize_rows(p).expand(B, Hkv, g, C, s)
-    else:
-        z = (qc.reshape(B, Hkv, g * C, D) @ kc.transpose(-1, -2)).view(B, Hkv, g, C, s) * scale
-        p = torch.sigmoid(z + bias) if kind == "sigmoid" else F.relu(z)
-        if allowed is not None:
-            p = torch.where(allowed, p, 0.0)
-        if kind == "relu":
-            p = _normalize_rows(p)
-    return (p.reshape(B, Hkv, g * C, s) @ vc).view(B, Hkv, g, C, vc.shape[-1])
+    split = min(max(offset + 1, 0), s) if causal else s
+    out = den = 0
+    for lo, hi in ((0, split), (split, s)):
+        if hi <= lo:
+            continue
+        p = _numerators(kind, qc, kc[:, :, lo:hi], None if w is None else w[..., lo:hi], scale, bias)
+        if lo == split:  # the diagonal part: row r sees keys j <= offset + r
+            j = torch.arange(lo, hi, device=kc.device)
+            p = torch.where(j.view(1, -1) <= torch.arange(C, device=kc.device).view(C, 1) + offset, p, 0.0)
+        rows = p.shape[-4:-2]  # (Hkv or 1, g or 1): fold the heads sharing a kv head into the rows
+        out = out + (p.flatten(-3, -2) @ vc[:, :, lo:hi]).unflatten(-2, (rows[1], C))  # [B, Hkv, g|1, C, Dv]
+        if kind != "sigmoid":
+            den = den + p.sum(-1, keepdim=True)
+    if kind != "sigmoid":  # rows with zero total weight have out = 0 too: divide by 1 there
+        out = out / torch.where(den > 0, den, 1.0)
+    return out.expand(B, Hkv, g, C, vc.shape[-1])
 
 
 def attention(
