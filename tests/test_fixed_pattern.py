@@ -40,8 +40,7 @@ KIND_OPTIONS = {
     "weights_hts": lambda H, T, S: {"kind": "fixed", "weights": pattern(H, T, S)},
     "sigmoid": lambda H, T, S: {"kind": "sigmoid"},
     "sigmoid_bias": lambda H, T, S: {"kind": "sigmoid", "bias": 0.5},
-    "relu": lambda H, T, S: {"kind": "relu"},
-}
+}  # kind="relu" is the registry example: tests/test_contract.py runs it over this grid (and bf16)
 GRID = [(name, c) for name in KIND_OPTIONS for c in cases(MECH, dtypes=(torch.float32, torch.float64))]
 
 
