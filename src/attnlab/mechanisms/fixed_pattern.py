@@ -98,7 +98,7 @@ def _uniform(v: Tensor, H: int, T: int, causal: bool, ct: torch.dtype) -> Tensor
         return v.new_zeros(B, H, T, Dv, dtype=ct)
     vc = v.to(ct)
     if not causal:
-        out = vc.mean(dim=2, keepdim=True).expand(B, Hkv, T, Dv)
+        out = vc.mean(dim=2, keepdim=True).expand(B, Hkv, T, Dv).contiguous()  # callers may write in place
     else:
         pos = torch.arange(T, device=v.device) + (S - T)  # key position of each query row
         prefix = vc.cumsum(dim=2)[:, :, pos.clamp(0, S - 1)]  # [B, Hkv, T, Dv]
