@@ -24,6 +24,7 @@ from attnlab.mechanisms import (
     differential,
     document,
     dynamic_hierarchical,
+    fixed_pattern,
     global_local,
     halo,
     moh,
@@ -75,7 +76,8 @@ class Mechanism:
     # own dense oracle: oracle(q, k, v, *, causal, scale, **options) -> Reference.
     oracle: Callable | None = None
     # "softmax": a softmax attention over q, k, v (may stand in for any HF attention layer);
-    # "linear" and others compute something else and need their own modules.
+    # "linear" (kernelized / decayed linear attention), "relaxed" (non-softmax weights) and
+    # "differential" (two maps packed in q, k) compute something else and need their own modules.
     family: str = "softmax"
 
     def _heads(self, kv_heads: int | None) -> dict:
@@ -321,6 +323,18 @@ MECHANISMS: list[Mechanism] = [
         differential.DEFAULTS,
         example=lambda S: {"lam": 0.7},
         oracle=differential.oracle,
+        family="differential",  # q, k carry two maps in their halves: a layer must be built for it
+    ),
+    Mechanism(
+        "fixed_pattern",
+        "Deconstructing Attention, arXiv 2510.11602; sigmoid attention, arXiv 2409.04431",
+        None,  # not a softmax under a mask: the oracle materializes the normalized weights
+        {"chunked": Impl(fixed_pattern.attention)},
+        fixed_pattern.check_options,
+        fixed_pattern.DEFAULTS,
+        example=lambda S: {"kind": "relu"},
+        oracle=fixed_pattern.oracle,
+        family="relaxed",  # not softmax weights: no LSE, and no stand-in for a pretrained softmax layer
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

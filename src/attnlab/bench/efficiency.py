@@ -108,6 +108,8 @@ def bench_options(name: str, T: int) -> dict:
     if name == "moh":  # per-token gates, a quarter exactly 0 (routed-off rows); [T, 1] fits any head count
         g = torch.rand(T, 1, generator=torch.Generator().manual_seed(T)) * 2
         return {"gates": torch.where(torch.arange(T).view(T, 1) % 4 == 3, 0.0, g)}
+    if name == "fixed_pattern":  # the uniform default is a prefix mean; time a kind that scores q·k
+        return {"kind": "sigmoid"}
     return dict(registry.get(name).defaults)
 
 

@@ -4,7 +4,10 @@ beyond q, k, v (DESIGN §3.5, §4), the Flux router and a small policy-driven la
 from attnlab.nn.attention import Attention
 from attnlab.nn.dha import DecoupledHeadAttention
 from attnlab.nn.differential import DifferentialAttention
+from attnlab.nn.dual_stream import DualStreamBlock
+from attnlab.nn.fixed_pattern import FixedPatternAttention
 from attnlab.nn.lm import LMConfig, LMOutput, TransformerLM
+from attnlab.nn.moa import MixtureOfAttention
 from attnlab.nn.moh import MoHAttention, MoHOutput, Routing
 from attnlab.nn.rope import RotaryEmbedding
 from attnlab.nn.router import FluxRouter, RoutedAttention
@@ -13,9 +16,12 @@ __all__ = [
     "Attention",
     "DecoupledHeadAttention",
     "DifferentialAttention",
+    "DualStreamBlock",
+    "FixedPatternAttention",
     "FluxRouter",
     "LMConfig",
     "LMOutput",
+    "MixtureOfAttention",
     "MoHAttention",
     "MoHOutput",
     "RotaryEmbedding",

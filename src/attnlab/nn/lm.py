@@ -47,7 +47,7 @@ class LMOutput(NamedTuple):
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, layer, index: int):
         super().__init__()
-        linear = registry.get(layer.mechanism).family != "softmax"
+        linear = registry.get(layer.mechanism).family == "linear"
         rope = cfg.positions == "rope" or (cfg.positions == "hype" and linear)
         attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads, layer.mechanism, rope=rope, causal=True, **layer.options)
         self.attn = attn if layer.route is None else RoutedAttention(attn, **_route(layer.route))
