@@ -24,6 +24,8 @@ from attnlab.mechanisms import (
     dynamic_hierarchical,
     global_local,
     halo,
+    lightning,
+    linear,
     multiscale,
     neighborhood,
     prefix_lm,
@@ -285,6 +287,26 @@ MECHANISMS: list[Mechanism] = [
         frozenset({"self_causal", "cross_causal"}),
         example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
         select=dynamic_hierarchical.select,
+    ),
+    Mechanism(
+        "linear",
+        "Transformers are RNNs (Katharopoulos et al.), arXiv 2006.16236",
+        None,  # not a softmax: the oracle is the parallel form
+        {"chunked": Impl(linear.attention)},
+        linear.check_options,
+        linear.DEFAULTS,
+        example=lambda S: {"chunk_size": 8},
+        oracle=linear.oracle,
+    ),
+    Mechanism(
+        "lightning",
+        "Lightning Attention-2, arXiv 2401.04658; as in MiniCPM-SALA, arXiv 2602.11761",
+        None,  # not a softmax: the oracle is the parallel form
+        {"chunked": Impl(lightning.attention)},
+        lightning.check_options,
+        lightning.DEFAULTS,
+        example=lambda S: {"chunk_size": 8},
+        oracle=lightning.oracle,
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}
