@@ -2,6 +2,7 @@
 step == parallel, split-with-state == the full sequence; normalization edge cases; bad options."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab
+from attnlab.kernels import linear_chunks
 from attnlab.mechanisms import lightning, linear
 from attnlab.testing import LargestTensor
 
@@ -71,9 +73,20 @@ def test_parallel_form_matches_a_naive_loop(name, opts, causal):
         torch.testing.assert_close(run(name, opts, q, k, v, causal, impl="reference"), want, atol=1e-12, rtol=1e-12)
 
 
+def small_blocks(tokens=16):
+    """Process a few chunks per batched block, so tiny inputs cross block boundaries too."""
+    return mock.patch.object(linear_chunks, "BLOCK_TOKENS", tokens)
+
+
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_chunked_equals_parallel_forward_and_gradients_fp64(name, opts, causal):
+@pytest.mark.parametrize("block", [16, linear_chunks.BLOCK_TOKENS], ids=["blocks16", "blocks-default"])
+def test_chunked_equals_parallel_forward_and_gradients_fp64(name, opts, causal, block):
+    with small_blocks(block):
+        _chunked_equals_parallel(name, opts, causal)
+
+
+def _chunked_equals_parallel(name, opts, causal):
     for i, (T, S) in enumerate(SHAPES):
         for chunk in (1, 8) if T < 20 else (3, 64):  # several chunks + remainder, and one partial chunk
             q, k, v = (x.requires_grad_() for x in qkv(T, S, seed=i))
@@ -108,7 +121,8 @@ def test_recurrent_step_by_step_equals_parallel(name, opts):
 @pytest.mark.parametrize("split", [1, 8, 13, 24])
 def test_split_with_state_equals_the_full_sequence(name, opts, split):
     q, k, v = qkv(25, 25, seed=split)
-    full = run(name, {**opts, "chunk_size": 8}, q, k, v, True)
+    with small_blocks():
+        full = run(name, {**opts, "chunk_size": 8}, q, k, v, True)
     a, state = recurrent(name, opts, q[:, :, :split], k[:, :, :split], v[:, :, :split], chunk_size=8)
     b, state_b = recurrent(name, opts, q[:, :, split:], k[:, :, split:], v[:, :, split:], state, chunk_size=8)
     torch.testing.assert_close(torch.cat([a, b], dim=2), full, atol=1e-12, rtol=1e-12)
@@ -230,11 +244,13 @@ def test_one_decode_step_touches_only_the_state():
     D=st.integers(1, 5),
     Dv=st.integers(1, 5),
     chunk=st.integers(1, 9),
+    block=st.sampled_from([1, 8, 2048]),
 )
-def test_fuzz_chunked_equals_parallel(variant, causal, T, S, heads, D, Dv, chunk):
+def test_fuzz_chunked_equals_parallel(variant, causal, T, S, heads, D, Dv, chunk, block):
     name, opts = variant
     q, k, v = qkv(T, S, B=2, H=heads[0], Hkv=heads[1], D=D, Dv=Dv)
-    got = run(name, {**opts, "chunk_size": chunk}, q, k, v, causal)
+    with small_blocks(block):
+        got = run(name, {**opts, "chunk_size": chunk}, q, k, v, causal)
     want = run(name, opts, q, k, v, causal, impl="reference")
     torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
 

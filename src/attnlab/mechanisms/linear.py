@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab import reference as _reference
-from attnlab.core import AttentionOutput, check_qkv, compute_dtype, positive_int, repeat_kv, resolve_scale
+from attnlab.core import AttentionOutput, check_qkv, compute_dtype, positive_int, resolve_scale
+from attnlab.kernels import linear_chunks
 
-EPS = 1e-6
+EPS = linear_chunks.EPS
 FEATURE_MAPS = {
-    "elu+1": lambda x: F.elu(x) + 1.0,
+    "elu+1": lambda x: F.elu(x).add_(1.0),  # in place: elu's backward reads its input, not output
     "relu": F.relu,
     "identity": lambda x: x,
 }
@@ -84,137 +85,21 @@ def check_options(T: int, S: int, causal, opts: dict) -> dict:
     }
 
 
-# -- shared pieces: features in, normalization out ------------------------------------------------
+# -- shared pieces ---------------------------------------------------------------------------------
 
 
-def _features(q: Tensor, k: Tensor, v: Tensor, scale: float, feature_map: str):
-    """phi(q) * scale [B,H,T,F], phi(k) [B,H,S,F] and values [B,H,S,E] in the compute dtype, kv heads
-    repeated to the query heads (the decay is per query head). Normalized maps get E = Dv + 1: an
-    all-ones value column whose output is the denominator, so one pass yields num and den."""
-    ct, groups = compute_dtype(q.dtype), q.shape[1] // k.shape[1]
-    phi = FEATURE_MAPS[feature_map]
-    qf = phi(q.to(ct)) * scale
-    kf = repeat_kv(phi(k.to(ct)), groups)
-    vf = repeat_kv(v.to(ct), groups)
-    if NORMALIZED[feature_map]:
-        vf = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
-    return qf, kf, vf
+def _features(q: Tensor, k: Tensor, scale, feature_map: str) -> linear_chunks.Features:
+    return linear_chunks.Features(
+        FEATURE_MAPS[feature_map],
+        resolve_scale(scale, q.shape[-1]),
+        q.shape[1] // k.shape[1],
+        compute_dtype(q.dtype),
+        NORMALIZED[feature_map],
+    )
 
 
-def _finish(num: Tensor, feature_map: str, dtype: torch.dtype) -> Tensor:
-    """[..., E] -> [..., Dv]: divide by the denominator column for normalized maps."""
-    if NORMALIZED[feature_map]:
-        num = num[..., :-1] / num[..., -1:].clamp_min(EPS)
-    return num.to(dtype)
-
-
-def _log_decay(decay: Tensor | None, like: Tensor) -> Tensor | None:
-    return None if decay is None else torch.log(decay.to(device=like.device, dtype=like.dtype))
-
-
-def _powers(log_g: Tensor, exponents: Tensor) -> Tensor:
-    """gamma_h ** e for e >= 0: [H] x [...] -> [H, ...]; never overflows (exponent <= 0 in log)."""
-    return torch.exp(log_g.view(-1, *([1] * exponents.dim())) * exponents.to(log_g.dtype))
-
-
-# -- the chunked core ------------------------------------------------------------------------------
-
-
-def _chunks(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, state: Tensor | None):
-    """Aligned sequences (query i at key position i) whose length L is a multiple of C = the chunk
-    axis: qf [B,H,n,C,F], kf [B,H,n,C,F], vf [B,H,n,C,E]; state [B,H,F,E] or None (zeros).
-    Returns num [B,H,n,C,E] and the state after the last token."""
-    n, C = qf.shape[2], qf.shape[3]
-    i = torch.arange(C, device=qf.device)
-    below = i.view(C, 1) >= i.view(1, C)  # key j <= query i inside a chunk
-    scores = qf @ kf.transpose(-1, -2)  # [B,H,n,C,C]
-    if log_g is None:
-        scores = scores.masked_fill(~below, 0.0)
-        local = kf.transpose(-1, -2) @ vf  # [B,H,n,F,E]: each chunk's own contribution
-        total = local.cumsum(2)
-        before = torch.cat([torch.zeros_like(total[:, :, :1]), total[:, :, :-1]], dim=2)  # exclusive
-        if state is not None:
-            before = before + state.unsqueeze(2)
-        num = scores @ vf + qf @ before
-        return num, before[:, :, -1] + local[:, :, -1]
-    H = qf.shape[1]
-    lg = log_g.view(1, H, 1, 1, 1)
-    scores = scores * (_powers(log_g, (i.view(C, 1) - i.view(1, C)).clamp_min(0)) * below).view(1, H, 1, C, C)
-    local = (kf * torch.exp(lg * (C - 1 - i).view(C, 1))).transpose(-1, -2) @ vf  # gamma**(C-1-j) k_j^T v_j
-    per_chunk = torch.exp(log_g * C).view(1, H, 1, 1)  # a state crossing a whole chunk decays by gamma**C
-    s = torch.zeros_like(local[:, :, 0]) if state is None else state
-    before = []
-    for c in range(n):  # n = L / C small steps on [B,H,F,E]; the heavy work above is batched
-        before.append(s)
-        s = s * per_chunk + local[:, :, c]
-    before = torch.stack(before, dim=2)  # [B,H,n,F,E]: the state entering each chunk
-    num = scores @ vf + (qf * torch.exp(lg * (i + 1).view(C, 1))) @ before
-    return num, s
-
-
-def _aligned(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, chunk: int, state: Tensor | None):
-    """Query i at key position i, L = T = S: num [B,H,L,E] and the final state. Full chunks run
-    batched; the remainder runs as one shorter chunk that picks up their state."""
-    B, H, L, Fd = qf.shape
-    E = vf.shape[-1]
-    full = (L // chunk) * chunk
-    parts = []
-    if full:
-        n = full // chunk
-        num, state = _chunks(
-            qf[:, :, :full].reshape(B, H, n, chunk, Fd),
-            kf[:, :, :full].reshape(B, H, n, chunk, Fd),
-            vf[:, :, :full].reshape(B, H, n, chunk, E),
-            log_g,
-            state,
-        )
-        parts.append(num.reshape(B, H, full, E))
-    if L > full:
-        num, state = _chunks(
-            qf[:, :, full:].unsqueeze(2), kf[:, :, full:].unsqueeze(2), vf[:, :, full:].unsqueeze(2), log_g, state
-        )
-        parts.append(num.squeeze(2))
-    if state is None:  # L == 0
-        state = qf.new_zeros(B, H, Fd, E)
-    return torch.cat(parts, dim=2) if parts else vf.new_zeros(B, H, 0, E), state
-
-
-def _prefix_state(kf: Tensor, vf: Tensor, log_g: Tensor | None) -> Tensor:
-    """The state after keys [0, P): sum_j gamma**(P-1-j) phi(k_j)^T v_j -> [B,H,F,E], one matmul."""
-    if log_g is not None:
-        P = kf.shape[2]
-        kf = kf * _powers(log_g, torch.arange(P - 1, -1, -1, device=kf.device)).unsqueeze(-1)
-    return kf.transpose(-1, -2) @ vf
-
-
-def _causal(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, offset: int, chunk: int) -> Tensor:
-    """Query t at key position offset + t sees keys j <= offset + t: num [B,H,T,E].
-
-    Keys before the first query's position fold into an incoming state; queries before key 0 see
-    nothing (0); queries past the last key see every key (zero keys pad the gap, so the decay keeps
-    counting)."""
-    T, S = qf.shape[2], kf.shape[2]
-    lo = min(T, max(0, -offset))  # queries with no key
-    P = min(S, max(0, offset))  # keys that precede every query
-    state = _prefix_state(kf[:, :, :P], vf[:, :, :P], log_g) if P else None
-    L = T - lo
-    k_al, v_al = kf[:, :, P : P + L], vf[:, :, P : P + L]
-    if k_al.shape[2] < L:
-        k_al = F.pad(k_al, (0, 0, 0, L - k_al.shape[2]))
-        v_al = F.pad(v_al, (0, 0, 0, L - v_al.shape[2]))
-    num, _ = _aligned(qf[:, :, lo:], k_al, v_al, log_g, chunk, state)
-    return F.pad(num, (0, 0, lo, 0))
-
-
-def _noncausal(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, chunk: int) -> Tensor:
-    T, S = qf.shape[2], kf.shape[2]
-    if log_g is None:
-        return qf @ (kf.transpose(-1, -2) @ vf)  # [B,H,T,F] @ [B,H,F,E]
-    # keys at or before p_t: the causal pass; keys after p_t: the causal pass over the reversed
-    # sequences, where reversed query t' sits at position t' - 1 and sees gamma**((t'-1) - j') * gamma.
-    ahead = _causal(qf, kf, vf, log_g, S - T, chunk)
-    behind = _causal(qf.flip(2), kf.flip(2), vf.flip(2), log_g, -1, chunk).flip(2)
-    return ahead + behind * torch.exp(log_g).view(1, -1, 1, 1)
+def _log_decay(decay: Tensor | None, dtype: torch.dtype, device) -> Tensor | None:
+    return None if decay is None else torch.log(decay.to(device=device, dtype=dtype))
 
 
 # -- the three forms, for any feature map and an optional per-head decay [H] -----------------------
@@ -222,55 +107,48 @@ def _noncausal(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, chunk: 
 
 def chunked(q, k, v, *, causal=False, scale=None, feature_map="elu+1", decay=None, chunk_size=CHUNK_SIZE) -> Tensor:
     """The fast path: q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> [B,H,T,Dv]. ``decay`` [H] in
-    (0, 1) or None. Memory linear in T and S."""
+    (0, 1) or None. Memory linear in T and S (see kernels/linear_chunks.py)."""
     sh = check_qkv(q, k, v)
-    qf, kf, vf = _features(q, k, v, resolve_scale(scale, sh.D), feature_map)
-    log_g = _log_decay(decay, qf)
+    feats = _features(q, k, scale, feature_map)
+    log_g = _log_decay(decay, feats.dtype, q.device)
     if causal:
-        num = _causal(qf, kf, vf, log_g, sh.S - sh.T, chunk_size)
-    else:
-        num = _noncausal(qf, kf, vf, log_g, chunk_size)
-    return _finish(num, feature_map, q.dtype)
+        return linear_chunks.causal(q, k, v, feats, log_g, sh.S - sh.T, chunk_size, finish=True)[0]
+    return linear_chunks.noncausal(q, k, v, feats, log_g, chunk_size)
 
 
 def parallel(q, k, v, *, causal=False, scale=None, feature_map="elu+1", decay=None) -> _reference.Reference:
     """The oracle: materializes the [B,H,T,S] coefficients. Returns (out, weights, lse=None), where
     weights are the normalized coefficients (the raw ones for identity features)."""
     sh = check_qkv(q, k, v)
-    qf, kf, vf = _features(q, k, v, resolve_scale(scale, sh.D), feature_map)
+    feats = _features(q, k, scale, feature_map)
+    qf, (kf, vf) = feats.q(q, 0, sh.T), feats.kv(k, v, 0, sh.S)
     pos = torch.arange(sh.T, device=q.device) + sh.S - sh.T
     dist = pos.view(-1, 1) - torch.arange(sh.S, device=q.device).view(1, -1)  # p_t - j  [T, S]
     coef = torch.ones(1, sh.T, sh.S, dtype=qf.dtype, device=q.device)
     if decay is not None:
-        coef = _powers(_log_decay(decay, qf), dist.abs())  # [H, T, S]
+        coef = torch.exp(_log_decay(decay, qf.dtype, q.device).view(-1, 1, 1) * dist.abs())  # [H, T, S]
     if causal:
         coef = coef * (dist >= 0)
     w = (qf @ kf.transpose(-1, -2)) * coef  # [B, H, T, S]
     if NORMALIZED[feature_map]:
-        den = w.sum(-1, keepdim=True).clamp_min(EPS)
-        w = w / den
-        return _reference.Reference((w @ vf[..., :-1]).to(q.dtype), w, None)
+        w = w / w.sum(-1, keepdim=True).clamp_min(EPS)
     return _reference.Reference((w @ vf).to(q.dtype), w, None)
 
 
-def _check_state(state: LinearState | None, qf: Tensor, Dv: int, feature_map: str) -> Tensor | None:
-    """The public state -> the internal [B,H,F,E] (z as the last value column)."""
+def _check_state(state: LinearState | None, shapes, feats: linear_chunks.Features, device):
+    """The public state, validated, in the compute dtype."""
     if state is None:
         return None
-    B, H, _, Fd = qf.shape
+    B, H, D, Dv = shapes.B, shapes.H, shapes.D, shapes.Dv
     if not isinstance(state, LinearState):
         raise TypeError(f"state must be a LinearState or None, got {type(state).__name__}")
-    if tuple(state.kv.shape) != (B, H, Fd, Dv):
-        raise ValueError(f"state.kv must be [B, H, D, Dv] = {[B, H, Fd, Dv]}, got {list(state.kv.shape)}")
-    if NORMALIZED[feature_map] != (state.z is not None):
-        need = "a z [B, H, D]" if NORMALIZED[feature_map] else "z=None"
-        raise ValueError(f"state for feature_map={feature_map!r} needs {need}")
-    kv = state.kv.to(device=qf.device, dtype=qf.dtype)
-    if state.z is None:
-        return kv
-    if tuple(state.z.shape) != (B, H, Fd):
-        raise ValueError(f"state.z must be [B, H, D] = {[B, H, Fd]}, got {list(state.z.shape)}")
-    return torch.cat([kv, state.z.to(kv).unsqueeze(-1)], dim=-1)
+    if tuple(state.kv.shape) != (B, H, D, Dv):
+        raise ValueError(f"state.kv must be [B, H, D, Dv] = {[B, H, D, Dv]}, got {list(state.kv.shape)}")
+    if feats.normalized != (state.z is not None):
+        raise ValueError(f"this feature map's state needs {'a z [B, H, D]' if feats.normalized else 'z=None'}")
+    if state.z is not None and tuple(state.z.shape) != (B, H, D):
+        raise ValueError(f"state.z must be [B, H, D] = {[B, H, D]}, got {list(state.z.shape)}")
+    return tuple(None if s is None else s.to(device=device, dtype=feats.dtype) for s in state)
 
 
 def recurrent_form(
@@ -281,10 +159,11 @@ def recurrent_form(
     sh = check_qkv(q, k, v)
     if sh.T != sh.S:
         raise ValueError(f"the recurrent form takes the same new tokens as queries and keys: T={sh.T} != S={sh.S}")
-    qf, kf, vf = _features(q, k, v, resolve_scale(scale, sh.D), feature_map)
-    num, s = _aligned(qf, kf, vf, _log_decay(decay, qf), chunk_size, _check_state(state, qf, sh.Dv, feature_map))
-    new = LinearState(s[..., :-1], s[..., -1]) if NORMALIZED[feature_map] else LinearState(s, None)
-    return RecurrentOutput(_finish(num, feature_map, q.dtype), new)
+    feats = _features(q, k, scale, feature_map)
+    state = _check_state(state, sh, feats, q.device)
+    log_g = _log_decay(decay, feats.dtype, q.device)
+    out, _, new = linear_chunks.aligned(q, k, v, feats, log_g, chunk_size, state, finish=True)
+    return RecurrentOutput(out, LinearState(*new))
 
 
 # -- the registered mechanism: no decay ------------------------------------------------------------
