@@ -27,7 +27,7 @@ from torch import Tensor
 
 from attnlab.core import repeat_kv
 
-BLOCK_TOKENS = 2048  # tokens per batched block (a multiple of the chunk size is used)
+BLOCK_TOKENS = 8192  # tokens per batched block (a multiple of the chunk size is used)
 EPS = 1e-6  # the denominator floor of normalized feature maps (see mechanisms/linear.py)
 
 
