@@ -6,11 +6,12 @@ Causal (decayed) linear attention with query t at key position ``offset + t``::
 
 Tokens are cut into chunks of C: inside a chunk a masked, decayed C x C product; across chunks a
 running state ``kv = sum_j gamma**(...) phi(k_j)^T v_j`` [F, Dv] (and ``z = sum_j gamma**(...)
-phi(k_j)`` [F] for the denominator). Chunks are processed a block of ``BLOCK_TOKENS`` at a time:
-the chunks of a block run as one batched product, and the state crosses blocks. Features are
-computed per block too, so the only tensor the size of the sequence is the output: memory stays
-O(T * Dv + BLOCK_TOKENS * (C + F + Dv)) and large temporaries are reused from the allocator instead
-of being page-faulted in afresh, which on CPU costs as much as the arithmetic.
+phi(k_j)`` [F] for the denominator). Chunks are processed ``BLOCK_CHUNKS`` at a time: the chunks
+of a block run as one batched product, the states entering them come from one [n, n] matmul, and
+the state crosses blocks. Features are computed per block too, so the only tensor the size of the
+sequence is the output: memory stays O(T * Dv + block * (C + F + Dv)), and large temporaries are
+reused from the allocator instead of being page-faulted in afresh. Few large ops matter on CPU:
+each op pays a thread barrier, and on a shared machine barriers cost more than small arithmetic.
 
 Decays enter only as ``gamma ** e`` with ``e >= 0`` (computed as ``exp(e * log gamma)``), so nothing
 overflows however small gamma or long the sequence.
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from attnlab.core import repeat_kv
 
-BLOCK_TOKENS = 8192  # tokens per batched block (a multiple of the chunk size is used)
+BLOCK_CHUNKS = 128  # chunks per batched block of the causal pass
+BLOCK_TOKENS = 16384  # tokens per block of the key-only passes (prefix state, non-causal)
 EPS = 1e-6  # the denominator floor of normalized feature maps (see mechanisms/linear.py)
 
 
@@ -64,18 +66,28 @@ def _powers(log_g: Tensor, exponents: Tensor) -> Tensor:
     return torch.exp(log_g.view(-1, *([1] * exponents.dim())) * exponents.to(log_g.dtype))
 
 
-def _scan(local: Tensor, per_chunk: Tensor | None, init: Tensor | None) -> tuple[Tensor, Tensor]:
-    """States entering each chunk (an exclusive prefix over axis 2) and the state after the last.
-    local [B,H,n,...]: each chunk's own contribution, already decayed to the chunk's end. A loop of
-    n small steps: on CPU it beats cumsum over a non-innermost axis severalfold."""
-    if per_chunk is not None:
-        per_chunk = per_chunk.view(1, -1, *([1] * (local.dim() - 3)))
-    s = torch.zeros_like(local[:, :, 0]) if init is None else init
-    before = []
-    for c in range(local.shape[2]):
-        before.append(s)
-        s = (s if per_chunk is None else s * per_chunk) + local[:, :, c]
-    return torch.stack(before, dim=2), s
+def _scan(local: Tensor, log_g: Tensor | None, C: int, init: Tensor | None) -> tuple[Tensor, Tensor]:
+    """States entering each of n chunks (an exclusive prefix over axis 2) and the state after the
+    last. local [B,H,n,...]: each chunk's own contribution, already decayed to the chunk's end.
+
+    One [n, n] (per-head decayed, strictly lower-triangular) matmul instead of n small steps: on a
+    loaded CPU every op pays a thread barrier, so few large ops beat many small ones by far."""
+    B, H, n = local.shape[:3]
+    c = torch.arange(n, device=local.device)
+    gap = c.view(n, 1) - 1 - c.view(1, n)  # chunks between c' and c: the state decays gamma**(C*gap)
+    if log_g is None:
+        weights = (gap >= 0).to(local.dtype)  # [n, n]
+    else:
+        weights = _powers(log_g * C, gap.clamp_min(0)) * (gap >= 0)  # [H, n, n]
+    flat = local.reshape(B, H, n, -1)
+    before = weights @ flat  # [B, H, n, R]
+    if init is not None:
+        entering = init.reshape(B, H, 1, -1)
+        if log_g is not None:
+            entering = entering * _powers(log_g * C, c).view(1, H, n, 1)  # init decays gamma**(C*c)
+        before = before + entering
+    last = before[:, :, -1] * (1.0 if log_g is None else torch.exp(log_g * C).view(1, H, 1)) + flat[:, :, -1]
+    return before.view(local.shape), last.view(local[:, :, 0].shape)
 
 
 def _chunks(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, state: State | None, normalized: bool):
@@ -88,19 +100,18 @@ def _chunks(qf: Tensor, kf: Tensor, vf: Tensor, log_g: Tensor | None, state: Sta
     scores = qf @ kf.transpose(-1, -2)  # [B,H,n,C,C]
     if log_g is None:
         scores = scores.masked_fill(~below, 0.0)
-        kd, qd, per_chunk = kf, qf, None
+        kd, qd = kf, qf
     else:
         lg = log_g.view(1, H, 1, 1, 1)
         scores = scores * (_powers(log_g, (i.view(C, 1) - i.view(1, C)).clamp_min(0)) * below).view(1, H, 1, C, C)
         kd = kf * torch.exp(lg * (C - 1 - i).view(C, 1))  # gamma**(C-1-j): key j decayed to the chunk's end
         qd = qf * torch.exp(lg * (i + 1).view(C, 1))  # gamma**(i+1): the entering state decayed to query i
-        per_chunk = torch.exp(log_g * C)  # a state crossing a whole chunk decays by gamma**C
-    before, kv = _scan(kd.transpose(-1, -2) @ vf, per_chunk, kv0)  # [B,H,n,F,Dv]
+    before, kv = _scan(kd.transpose(-1, -2) @ vf, log_g, C, kv0)  # [B,H,n,F,Dv]
     num = qd @ before
     num = torch.baddbmm(num.flatten(0, 2), scores.flatten(0, 2), vf.flatten(0, 2)).view(num.shape)  # + intra
     if not normalized:
         return num, None, (kv, None)
-    before_z, z = _scan(kd.sum(3), per_chunk, z0)  # [B,H,n,F]
+    before_z, z = _scan(kd.sum(3), log_g, C, z0)  # [B,H,n,F]
     den = scores.sum(-1) + (qd @ before_z.unsqueeze(-1)).squeeze(-1)
     return num, den, (kv, z)
 
@@ -127,7 +138,7 @@ def aligned(q, k, v, feats: Features, log_g, chunk: int, state: State | None, fi
     Returns (out [B,H,T,Dv] in q.dtype, None) when ``finish``, else (num, den) in the compute dtype,
     and the state after the last query's position."""
     B, H, T, _ = q.shape
-    block = chunk * max(1, BLOCK_TOKENS // chunk)
+    block = chunk * BLOCK_CHUNKS
     outs, dens = [], []
     for a in range(0, T, block):
         b = min(T, a + block)
