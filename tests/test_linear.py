@@ -67,7 +67,7 @@ def run(name, opts, q, k, v, causal, impl="auto"):
 @pytest.mark.parametrize(("name", "opts"), VARIANTS, ids=IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_parallel_form_matches_a_naive_loop(name, opts, causal):
-    for T, S in ((7, 7), (3, 8), (8, 3)):
+    for T, S in ((6, 6), (3, 7), (7, 3)):
         q, k, v = qkv(T, S)
         fmap = opts.get("feature_map", "identity")
         want = naive(q, k, v, causal, fmap, decays(name, opts, 4))
