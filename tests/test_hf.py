@@ -202,3 +202,16 @@ def test_a_mechanism_that_cannot_serve_the_model_fails_before_any_layer_runs():
     with pytest.raises(ValueError, match="config.attnlab for document: lengths must"):
         model(torch.zeros(1, 7, dtype=torch.long))
     assert not calls
+
+
+def test_non_softmax_mechanisms_are_refused_up_front():
+    assert "lightning" not in attnlab.hf.served() and "differential" not in attnlab.hf.served()
+    model = _decoder(_llama, "eager", {})
+    with pytest.raises(ValueError):  # never registered: transformers refuses the name when it is set
+        model.set_attn_implementation("attnlab_lightning")
+    with pytest.raises(ValueError, match="linear mechanism"):
+        attnlab.hf.set_layer(model.model.layers[0].self_attn, "linear")
+    from attnlab import Policy
+
+    with pytest.raises(ValueError, match="softmax attention"):
+        attnlab.hf.apply_policy(model, Policy.explicit(["dense", "lightning"]))

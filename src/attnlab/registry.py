@@ -27,6 +27,8 @@ from attnlab.mechanisms import (
     fixed_pattern,
     global_local,
     halo,
+    lightning,
+    linear,
     moh,
     multiscale,
     neighborhood,
@@ -335,6 +337,28 @@ MECHANISMS: list[Mechanism] = [
         example=lambda S: {"kind": "relu"},
         oracle=fixed_pattern.oracle,
         family="relaxed",  # not softmax weights: no LSE, and no stand-in for a pretrained softmax layer
+    ),
+    Mechanism(
+        "linear",
+        "Transformers are RNNs (Katharopoulos et al.), arXiv 2006.16236",
+        None,  # not a softmax: the oracle is the parallel form
+        {"chunked": Impl(linear.attention)},
+        linear.check_options,
+        linear.DEFAULTS,
+        example=lambda S: {"chunk_size": 8},
+        oracle=linear.oracle,
+        family="linear",
+    ),
+    Mechanism(
+        "lightning",
+        "Lightning Attention-2, arXiv 2401.04658; as in MiniCPM-SALA, arXiv 2602.11761",
+        None,  # not a softmax: the oracle is the parallel form
+        {"chunked": Impl(lightning.attention)},
+        lightning.check_options,
+        lightning.DEFAULTS,
+        example=lambda S: {"chunk_size": 8},
+        oracle=lightning.oracle,
+        family="linear",
     ),
 ]
 _BY_NAME = {m.name: m for m in MECHANISMS}

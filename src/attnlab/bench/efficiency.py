@@ -27,6 +27,9 @@ PRESETS = {
 }
 # A configuration whose estimated time exceeds this many seconds is skipped (and reported as such).
 CONFIG_CAP_S = {"quick": 12.0, "full": 300.0}
+# Linear attention has no T x S area: no density, and its cost grows with T (about a 2 x 64-token
+# chunk's worth of pairs per query), not with the SDPA area the skip estimate otherwise assumes.
+LINEAR_FAMILY = {"linear": 128, "lightning": 128}
 
 
 @dataclass
@@ -246,7 +249,8 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     row.density = None if composite else allowed / (T * T)
     factor = 3.5 if mode != "fwd" else 1.0
     # Skip what would not fit the preset: cold call + 3 repeats of both paths, at rough CPU rates.
-    estimate = 4 * factor * 4 * B * H * D * (sdpa_area / 1.2e11 + allowed / 6e10)
+    work = T * LINEAR_FAMILY[mech.name] if mech.name in LINEAR_FAMILY else allowed
+    estimate = 4 * factor * 4 * B * H * D * (sdpa_area / 1.2e11 + work / 6e10)
     if estimate > CONFIG_CAP_S[ctx["preset"]]:
         row.note = f"skipped: estimated {estimate:.0f}s exceeds the {ctx['preset']} preset's per-config cap"
         return

@@ -2,6 +2,7 @@
 beyond q, k, v (DESIGN §3.5, §4), the Flux router and a small policy-driven language model."""
 
 from attnlab.nn.attention import Attention
+from attnlab.nn.care import CAREBlock, CAREOutput
 from attnlab.nn.dha import DecoupledHeadAttention
 from attnlab.nn.differential import DifferentialAttention
 from attnlab.nn.dual_stream import DualStreamBlock
@@ -14,6 +15,8 @@ from attnlab.nn.router import FluxRouter, RoutedAttention
 
 __all__ = [
     "Attention",
+    "CAREBlock",
+    "CAREOutput",
     "DecoupledHeadAttention",
     "DifferentialAttention",
     "DualStreamBlock",
