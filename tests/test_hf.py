@@ -215,3 +215,25 @@ def test_non_softmax_mechanisms_are_refused_up_front():
 
     with pytest.raises(ValueError, match="softmax attention"):
         attnlab.hf.apply_policy(model, Policy.explicit(["dense", "lightning"]))
+
+
+def test_router_policy_on_a_transformers_model_trains_and_chooses():
+    from attnlab import Policy
+
+    model = _decoder(_llama, "eager", {})
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        eager = model(ids).logits
+    attnlab.hf.apply_policy(model, Policy.router(2, sparse=("streaming", {"sinks": 1, "window": 3})))
+    routers = [layer.attnlab_router for layer in attnlab.hf.attention_layers(model)]
+    assert all(any(p is q for q in model.parameters()) for r in routers for p in r.parameters())
+    model.train()
+    out = model(ids).logits
+    (out.square().mean() + attnlab.hf.router_loss(model, target=0.5)).backward()
+    assert all(r.head[-1].weight.grad is not None and r.head[-1].weight.grad.abs().sum() > 0 for r in routers)
+    model.eval()
+    with torch.no_grad():  # the dense-leaning init (bias 4.5) picks full attention: the model is unchanged
+        torch.testing.assert_close(model(ids).logits, eager, atol=1e-5, rtol=1e-5)
+        for r in routers:
+            torch.nn.init.constant_(r.head[-1].bias, -100.0)  # now every sequence goes sparse
+        assert not torch.allclose(model(ids).logits, eager)

@@ -90,9 +90,13 @@ def apply_policy(model: torch.nn.Module, policy) -> torch.nn.Module:
                 f"{layer.mechanism} is a {registry.get(layer.mechanism).family} mechanism; a Hugging Face layer "
                 f"computes softmax attention. Served: {', '.join(served())}"
             )
+    for layer in policy.layers:
+        if layer.route is not None and registry.get(layer.route["mechanism"]).family != "softmax":
+            raise ValueError(f"route target {layer.route['mechanism']} is not a softmax mechanism")
     store: dict = {}  # HyLRA: this model's block selections of the current forward, by layer
     for module, layer in zip(layers, policy.layers):
         set_layer(module, layer.mechanism, **layer.options)
+        _set_router(module, layer.route)
         module.attnlab_reuse = None if layer.reuse is None else layers[layer.reuse].layer_idx
         module.attnlab_store = store
     if POLICY not in _registered():
@@ -122,6 +126,59 @@ def profile_reuse(model: torch.nn.Module, inputs: dict, **options):
     store = layers[0].attnlab_store
     selections = [store[m.layer_idx].blocks for m in layers]
     return reuse.overlap(selections), [ratios[m.layer_idx] for m in layers]
+
+
+def _set_router(module: torch.nn.Module, route: dict | None) -> None:
+    """Flux on a transformers layer: a trainable ``FluxRouter`` submodule choosing, per sequence,
+    between the layer's mechanism and ``route``'s sparse one (its parameters join the model's)."""
+    from attnlab.nn.router import FluxRouter
+
+    if route is None:
+        if hasattr(module, "attnlab_router"):
+            del module.attnlab_router
+        module.attnlab_route = None
+        return
+    head_dim = (
+        module.head_dim
+        if hasattr(module, "head_dim")
+        else module.config.hidden_size // module.config.num_attention_heads
+    )
+    if not isinstance(getattr(module, "attnlab_router", None), FluxRouter):
+        module.attnlab_router = FluxRouter(int(head_dim))
+    module.attnlab_route = (route["mechanism"], dict(route["options"]))
+    module.attnlab_z = None
+
+
+def router_loss(model: torch.nn.Module, target: float) -> Tensor:
+    """Flux's sparsity loss over the routed layers of the last forward: |1 - mean z - target|."""
+    from attnlab.nn.router import sparsity_loss
+
+    zs = [m.attnlab_z for m in attention_layers(model) if getattr(m, "attnlab_z", None) is not None]
+    if not zs:
+        raise ValueError("no routed layer ran: apply a Policy.router(...) policy and run a forward first")
+    return sparsity_loss(zs, target)
+
+
+def _routed(module, q, k, v, mask, causal, scale, full: tuple[str, dict]) -> Tensor:
+    """out = z·full + (1 − z)·sparse per sequence; only the chosen branch runs at inference. The
+    router reads the queries it is given (after the model's RoPE: transformers rotates before the
+    attention function; the paper pools pre-RoPE queries)."""
+    z = module.attnlab_router(q)  # [B]
+    module.attnlab_z = z
+    (name, opts), (sparse, sparse_opts) = full, module.attnlab_route
+    if module.training:
+        a = masked_attention(q, k, v, mask, name, causal=causal, scale=scale, **opts)
+        b = masked_attention(q, k, v, mask, sparse, causal=causal, scale=scale, **sparse_opts)
+        zz = z.view(-1, 1, 1, 1)
+        return zz * a + (1 - zz) * b
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    for b in range(q.shape[0]):
+        m = None if mask is None else mask[b : b + 1] if mask.shape[0] > 1 else mask
+        which, o = (name, opts) if z[b] > 0.5 else (sparse, sparse_opts)
+        out[b : b + 1] = masked_attention(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], m, which, causal=causal, scale=scale, **o
+        )
+    return out
 
 
 def _registered() -> set[str]:
@@ -182,6 +239,9 @@ def _attention_fn(default: str | None):
         name, options = layer_setting(module, default)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         store = getattr(module, "attnlab_store", None)
+        if getattr(module, "attnlab_route", None) is not None:
+            out = _routed(module, query, key, value, attention_mask, causal, scaling, (name, options))
+            return out.transpose(1, 2).contiguous(), None
         if name == "block_topk" and store is not None:
             out = _selection_sharing(module, store, query, key, value, attention_mask, causal, scaling, options)
             return out.transpose(1, 2).contiguous(), None
