@@ -48,3 +48,22 @@ def test_bench_masks_option_selects_patterns(tmp_path):
     (run,) = tmp_path.iterdir()
     rows = json.loads((run / "results.json").read_text())["rows"]
     assert [r["causal"] for r in rows] == [True]
+
+
+def test_bad_bench_input_exits_with_one_line_and_no_traceback(tmp_path, capsys):
+    import pytest
+
+    from attnlab import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli.main(["bench", "--mechanisms", "dense", "--lengths", "64", "--out", str(blocker / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnlab bench: cannot write results") and "\n" not in err
+    assert cli.main(["bench", "--lengths", "0", "--out", str(tmp_path)]) == 2
+    assert "--lengths must be positive" in capsys.readouterr().err
+    for argv in (["bench", "--mechanisms", "nope"], ["bench", "--lengths"], ["bench", "--mechanisms"]):
+        with pytest.raises(SystemExit) as e:  # argparse: usage line + one error line, exit 2
+            cli.main(argv)
+        assert e.value.code == 2
+        assert "Traceback" not in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -70,6 +72,27 @@ def _efficiency_lengths(dict_rows: list[dict]) -> None:
         print(f"  {c.mechanism:22} {'causal' if c.causal else 'full':6} {c.mode:8} " + " · ".join(cells))
 
 
+def _bench_input_problem(args) -> str | None:
+    """What is wrong with the command line, found before any minute is spent benchmarking."""
+    if args.lengths is not None and any(n <= 0 for n in args.lengths):
+        return f"--lengths must be positive, got {args.lengths}"
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        return f"cannot write results to --out {args.out!r}: {e.strerror or e}"
+    return None
+
+
+def _default_flex(preset: str) -> tuple[str, ...]:
+    """Compiled Flex beside every mask mechanism in the full preset; one (sliding window) in quick,
+    where compiling each would cost more than the preset's budget."""
+    if preset == "quick":
+        return ("sliding_window",)
+    return tuple(m.name for m in registry.MECHANISMS if m.layout is not None and m.name != "dense")
+
+
 def cmd_bench(args) -> int:
     from attnlab.bench import efficiency, plots, report
 
@@ -79,6 +102,10 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
+    problem = _bench_input_problem(args)
+    if problem:
+        print(f"attnlab bench: {problem}", file=sys.stderr)
+        return 2
     info = report.banner()
     print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
     print("correctness gate: the contract on small shapes for every mechanism (no speed for a failure)")
@@ -87,7 +114,7 @@ def cmd_bench(args) -> int:
         lengths=tuple(args.lengths) if args.lengths else None,
         modes=tuple(args.modes),
         dtype=dtype,
-        flex=tuple(args.flex),
+        flex=tuple(args.flex) if args.flex is not None else _default_flex(args.preset),
         causal=tuple(m == "causal" for m in args.masks),
         patterns=tuple(PATTERNS) if args.patterns == ["all"] else tuple(args.patterns),
     )
@@ -101,6 +128,8 @@ def cmd_bench(args) -> int:
         rows, gate = efficiency.run(names, **kwargs)
     dict_rows = efficiency.rows_as_dicts(rows)
     report.table(dict_rows, info)
+    print(efficiency.FLOP_RULE)
+    info["flop_rule"] = efficiency.FLOP_RULE
     _efficiency_lengths(dict_rows)
     out = report.write(dict_rows, info, gate, args.out)
     drawn = plots.write(dict_rows, out)
@@ -125,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--masks", nargs="+", choices=["full", "causal"], default=["full", "causal"])
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], default="fp32")
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
-    b.add_argument("--flex", nargs="*", default=["sliding_window"], help="mechanisms to time against compiled Flex")
+    b.add_argument(
+        "--flex", nargs="*", default=None, help="mechanisms to time against compiled Flex (default: by preset)"
+    )
     b.add_argument(
         "--patterns", nargs="*", default=[], choices=["all", *PATTERNS], help="LongCA-bench mask patterns to sweep too"
     )

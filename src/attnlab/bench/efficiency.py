@@ -21,6 +21,11 @@ from attnlab import registry
 from attnlab.bench.measure import PeakRSS, time_interleaved
 from attnlab.testing import check_mechanism
 
+FLOP_RULE = (
+    "GFLOP/s counts 4·B·H·D FLOPs per allowed (query, key) pair (QKᵀ and PV, 2 per multiply-add) over the "
+    "masked area only; forward+backward counts 3.5× forward"
+)
+
 PRESETS = {
     # quick: every mechanism at two lengths in about 5 minutes on 2 cores; 16K and 64K live in full
     "quick": {"lengths": (1024, 4096), "budget": 1.0},
