@@ -85,6 +85,13 @@ def _bench_input_problem(args) -> str | None:
     return None
 
 
+def _patterns(args) -> tuple[str, ...]:
+    """LongCA-bench patterns to sweep: as asked; by default all of them in the full preset."""
+    if args.patterns is None:
+        return tuple(PATTERNS) if args.preset == "full" and not args.mechanisms else ()
+    return tuple(PATTERNS) if "all" in args.patterns else tuple(args.patterns)
+
+
 def _default_flex(preset: str) -> tuple[str, ...]:
     """Compiled Flex beside every mask mechanism in the full preset; one (sliding window) in quick,
     where compiling each would cost more than the preset's budget."""
@@ -116,7 +123,7 @@ def cmd_bench(args) -> int:
         dtype=dtype,
         flex=tuple(args.flex) if args.flex is not None else _default_flex(args.preset),
         causal=tuple(m == "causal" for m in args.masks),
-        patterns=tuple(PATTERNS) if args.patterns == ["all"] else tuple(args.patterns),
+        patterns=_patterns(args),
     )
     names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
     try:
@@ -158,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         "--flex", nargs="*", default=None, help="mechanisms to time against compiled Flex (default: by preset)"
     )
     b.add_argument(
-        "--patterns", nargs="*", default=[], choices=["all", *PATTERNS], help="LongCA-bench mask patterns to sweep too"
+        "--patterns",
+        nargs="*",
+        default=None,
+        choices=["all", *PATTERNS],
+        help="LongCA-bench mask patterns to sweep",
     )
     b.add_argument("--out", default="results")
     b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="ratios between two result folders; runs nothing")
