@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -34,9 +37,64 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad input: one line on stderr and exit status 2, no usage block and no traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _writable(out: str) -> str | None:
+    """None when results can be written under ``out``, else why not (checked before any work)."""
+    try:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return None
+    except OSError as e:
+        return f"cannot write results to --out {out!r}: {e.strerror or e}"
+
+
+def cmd_quality(args) -> int:
+    from attnlab.bench import report
+    from attnlab.bench.quality import mechanisms, suite
+    from attnlab.bench.quality import report as qreport
+
+    names, notes = mechanisms.select(args.mechanisms, args.preset)
+    info = report.banner()
+    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
+    tasks = args.tasks or list(suite.PRESETS[args.preset].tasks)
+    t0 = time.perf_counter()
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=True) as progress:
+            rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, progress=progress)
+    except ImportError:
+        rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke)
+    notes += more
+    wall = time.perf_counter() - t0
+    meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "wall_s": wall}
+    out = qreport.write(rows, notes, info, meta, args.out)
+    qreport.table(rows, notes, info)
+    print(qreport.plot(rows, out))
+    print(f"wrote {out}/quality.json ({len(rows)} rows, {wall:.0f} s)")
+    return 1 if any(r["leak"] for r in rows) else 0
+
+
 def cmd_bench(args) -> int:
     from attnlab.bench import efficiency, report
 
+    problem = _writable(args.out)
+    if problem:
+        print(f"attnlab bench: error: {problem}", file=sys.stderr)
+        return 2
+    if args.suite == "quality":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return cmd_quality(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
@@ -66,13 +124,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    p = _Parser(prog="attnlab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers").set_defaults(fn=cmd_list)
     c = sub.add_parser("check", help="the contract on tiny shapes: pass/fail per mechanism")
     c.add_argument("mechanisms", nargs="*", help="default: all")
     c.set_defaults(fn=cmd_check)
     b = sub.add_parser("bench", help="correctness gate, then timings against SDPA and Flex")
+    b.add_argument("--suite", choices=["efficiency", "quality"], default="efficiency")
     b.add_argument("--preset", choices=["quick", "full"], default="quick")
     b.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
     b.add_argument("--lengths", nargs="+", type=int)
@@ -82,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
     b.add_argument("--flex", nargs="*", default=["sliding_window"], help="mechanisms to time against compiled Flex")
     b.add_argument("--out", default="results")
+    b.add_argument("--tasks", nargs="+", choices=["T1", "T2", "T3", "T4", "T5", "T6", "ICL"], help="quality suite")
+    b.add_argument("--smoke", action="store_true", help="quality suite: tiny data, one epoch (tests)")
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     if args.cmd == "check":
