@@ -5,7 +5,9 @@
     x = x + Attention(LN(x))                     the mechanism under test, causal, no position embedding
     h = LN(x)[scored positions] -> head          logits [M, V] (or [M, 1] for regression)
 
-No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). The head runs
+No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). The conv is
+ungated: a gated variant (Based's BaseConv, dwconv(h) * W h) learned T1 worse here (dense 0.943 vs
+0.989 after 6 epochs at lr 3e-3, same seed). The head runs
 on the scored positions only: the loss is the same (every other label is ignored) and with a large
 vocabulary the head would otherwise dominate the cost.
 
