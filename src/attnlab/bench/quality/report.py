@@ -99,6 +99,7 @@ def plot(rows: list[dict], out: Path) -> str:
     except ImportError:
         return "plot: matplotlib is not installed (pip install attnlab[viz]); no quality.png"
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys((r["mechanism"], r["dim"]) for r in rows))}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         sub = [r for r in rows if r["task"] == task]
@@ -107,7 +108,7 @@ def plot(rows: list[dict], out: Path) -> str:
             mine = [r for r in sub if (r["mechanism"], r["dim"]) == mech]
             xs = [diffs.index(r["difficulty"]) for r in mine]
             name = f"{mech[0]} d={mech[1]}"
-            (line,) = ax.plot(xs, [r["value"] for r in mine], "o-", label=name)
+            (line,) = ax.plot(xs, [r["value"] for r in mine], "o-", color=colors[mech], label=name)
             caps = [(x, r["cap"]) for x, r in zip(xs, mine) if r["cap"] is not None]
             if caps:
                 ax.plot(*zip(*caps), "x--", color=line.get_color(), alpha=0.6, label=f"{name} cap")
