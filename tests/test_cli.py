@@ -59,11 +59,11 @@ def test_bad_bench_input_exits_with_one_line_and_no_traceback(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert cli.main(["bench", "--mechanisms", "dense", "--lengths", "64", "--out", str(blocker / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("attnlab bench: cannot write results") and "\n" not in err
+    assert err.startswith("attnlab bench: error: cannot write results") and "\n" not in err
     assert cli.main(["bench", "--lengths", "0", "--out", str(tmp_path)]) == 2
     assert "--lengths must be positive" in capsys.readouterr().err
     for argv in (["bench", "--mechanisms", "nope"], ["bench", "--lengths"], ["bench", "--mechanisms"]):
-        with pytest.raises(SystemExit) as e:  # argparse: usage line + one error line, exit 2
+        with pytest.raises(SystemExit) as e:  # one error line, exit 2
             cli.main(argv)
         assert e.value.code == 2
         assert "Traceback" not in capsys.readouterr().err

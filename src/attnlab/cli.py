@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -76,13 +77,7 @@ def _bench_input_problem(args) -> str | None:
     """What is wrong with the command line, found before any minute is spent benchmarking."""
     if args.lengths is not None and any(n <= 0 for n in args.lengths):
         return f"--lengths must be positive, got {args.lengths}"
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=args.out):
-            pass
-    except OSError as e:
-        return f"cannot write results to --out {args.out!r}: {e.strerror or e}"
-    return None
+    return _writable(args.out)
 
 
 def _patterns(args) -> tuple[str, ...]:
@@ -100,19 +95,70 @@ def _default_flex(preset: str) -> tuple[str, ...]:
     return tuple(m.name for m in registry.MECHANISMS if m.layout is not None and m.name != "dense")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad input: one line on stderr and exit status 2, no usage block and no traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _writable(out: str) -> str | None:
+    """None when results can be written under ``out``, else why not (checked before any work)."""
+    try:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        return None
+    except OSError as e:
+        return f"cannot write results to --out {out!r}: {e.strerror or e}"
+
+
+def cmd_quality(args) -> int:
+    from attnlab.bench import report
+    from attnlab.bench.quality import mechanisms, suite
+    from attnlab.bench.quality import report as qreport
+
+    names, notes = mechanisms.select(args.mechanisms, args.preset)
+    info = report.banner()
+    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
+    tasks = args.tasks or list(suite.PRESETS[args.preset].tasks)
+    t0 = time.perf_counter()
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=True) as progress:
+            rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, progress=progress)
+    except ImportError:
+        rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke)
+    notes += more
+    wall = time.perf_counter() - t0
+    meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "wall_s": wall}
+    out = qreport.write(rows, notes, info, meta, args.out)
+    qreport.table(rows, notes, info)
+    print(qreport.plot(rows, out))
+    print(f"wrote {out}/quality.json ({len(rows)} rows, {wall:.0f} s)")
+    return 1 if any(r["leak"] for r in rows) else 0
+
+
 def cmd_bench(args) -> int:
     from attnlab.bench import efficiency, plots, report
 
     if args.compare:
         return cmd_compare(*args.compare)
 
+    problem = _bench_input_problem(args)
+    if problem:
+        print(f"attnlab bench: error: {problem}", file=sys.stderr)
+        return 2
+    if args.suite == "quality":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return cmd_quality(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
-    problem = _bench_input_problem(args)
-    if problem:
-        print(f"attnlab bench: {problem}", file=sys.stderr)
-        return 2
     info = report.banner()
     print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
     print("correctness gate: the contract on small shapes for every mechanism (no speed for a failure)")
@@ -147,13 +193,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    p = _Parser(prog="attnlab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers").set_defaults(fn=cmd_list)
     c = sub.add_parser("check", help="the contract on tiny shapes: pass/fail per mechanism")
     c.add_argument("mechanisms", nargs="*", help="default: all")
     c.set_defaults(fn=cmd_check)
     b = sub.add_parser("bench", help="correctness gate, then timings against SDPA and Flex")
+    b.add_argument("--suite", choices=["efficiency", "quality"], default="efficiency")
     b.add_argument("--preset", choices=["quick", "full"], default="quick")
     b.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
     b.add_argument("--lengths", nargs="+", type=int)
@@ -173,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--out", default="results")
     b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="ratios between two result folders; runs nothing")
+    b.add_argument("--tasks", nargs="+", choices=["T1", "T2", "T3", "T4", "T5", "T6", "ICL"], help="quality suite")
+    b.add_argument("--smoke", action="store_true", help="quality suite: tiny data, one epoch (tests)")
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     if args.cmd == "check":

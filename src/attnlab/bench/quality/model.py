@@ -1,0 +1,125 @@
+"""The quality-suite model (spec/quality.md §5.2) and its size accounting.
+
+    tokens [B, L] -> embedding (or a linear map of real-valued tokens) -> x [B, L, d]
+    x = x + dwconv3(LN(x))                       short causal depthwise conv: the one-token shift
+    x = x + Attention(LN(x))                     the mechanism under test, causal, no position embedding
+    h = LN(x)[scored positions] -> head          logits [M, V] (or [M, 1] for regression)
+
+No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). The conv is
+ungated: a gated variant (Based's BaseConv, dwconv(h) * W h) learned T1 worse here (dense 0.943 vs
+0.989 after 6 epochs at lr 3e-3, same seed). The head runs
+on the scored positions only: the loss is the same (every other label is ignored) and with a large
+vocabulary the head would otherwise dominate the cost.
+
+State size (bytes, fp32) of the mixer at test length L, the x-axis of Zoology/Based plots:
+
+* softmax under a static mask (one softmax, no oracle, no selection): a KV cache of 2 * d * 4 bytes
+  per key a query can see, at most: ``2 * d * 4 * max_row(mask)`` (dense: L, a window: w);
+* softmax that chooses among all keys at run time (data-dependent selection, pooled or mixed
+  composites): the full cache, ``2 * L * d * 4``;
+* linear family (``family != "softmax"`` or a ``feature_map`` option): per head the state
+  phi(k)^T v [dh, dh] and the normalizer z [dh]: ``heads * dh * (dh + 1) * 4``.
+The conv's own state (2 * d floats) is the same for every mechanism and left out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnlab import registry
+from attnlab.nn import Attention
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv over time: out[t] = sum_i w[i] * x[t - k + 1 + i] (+ bias)."""
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, L, d] -> [B, L, d]
+        x = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))  # left pad only: causal
+        return self.conv(x).transpose(1, 2)
+
+
+class RecallModel(nn.Module):
+    """``RecallModel(vocab, mechanism, options, dim=64, heads=1, in_features=None, out_features=None)``.
+
+    ``forward(inputs, scored) -> [M, out]`` with M = scored.sum(): the head's output at the scored
+    positions, in row-major order. Token inputs (long [B, L]) need ``vocab``; real-valued inputs
+    (float [B, L, in_features]) use a linear embedding, and ``out_features`` sets the head's width
+    (default: vocab).
+    """
+
+    def __init__(
+        self,
+        vocab: int | None,
+        mechanism: str,
+        options: dict | None = None,
+        *,
+        dim: int = 64,
+        heads: int = 1,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        conv_kernel: int = 3,
+    ):
+        super().__init__()
+        self.embed = nn.Linear(in_features, dim) if in_features else nn.Embedding(vocab, dim)
+        self.conv_norm, self.conv = nn.LayerNorm(dim), ShortConv(dim, conv_kernel)
+        self.mix_norm = nn.LayerNorm(dim)
+        self.mixer = Attention(dim, heads, mechanism=mechanism, causal=True, **(options or {}))
+        self.out_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_features or vocab)
+
+    def hidden(self, inputs: Tensor) -> Tensor:
+        x = self.embed(inputs)  # [B, L, d]
+        x = x + self.conv(self.conv_norm(x))
+        x = x + self.mixer(self.mix_norm(x))
+        return self.out_norm(x)
+
+    def forward(self, inputs: Tensor, scored: Tensor) -> Tensor:
+        return self.head(self.hidden(inputs)[scored])  # [M, d] -> [M, out]
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_linear_family(name: str) -> bool:
+    mech = registry.get(name)
+    return mech.family != "softmax" or "feature_map" in mech.defaults
+
+
+def static_mask(name: str, seq_len: int, options: dict) -> Tensor | None:
+    """bool [L, L]: the keys each query may see when the mechanism is one softmax under a fixed mask
+    (per-head patterns: the union over heads); None for data-dependent, composite or linear ones,
+    whose output is not confined to a mask."""
+    mech = registry.get(name)
+    if mech.mask is None or mech.select is not None or mech.oracle is not None or is_linear_family(name):
+        return None
+    m = registry.mask(name, seq_len, seq_len, causal=True, **options)
+    while m.dim() > 2:  # [Hkv, L, L] or [B, 1, L, L] -> [L, L]
+        m = m.any(0) if m.shape[0] > 1 else m[0]
+    return m
+
+
+def state_bytes(name: str, seq_len: int, dim: int, heads: int, options: dict) -> int:
+    """Bytes of the mixer's decoding state at length ``seq_len`` (the module docstring's rule)."""
+    if is_linear_family(name):
+        dh = dim // heads
+        return heads * dh * (dh + 1) * 4
+    m = static_mask(name, seq_len, options)
+    keys = seq_len if m is None else int(m.sum(-1).max())
+    return 2 * keys * dim * 4
+
+
+@torch.no_grad()
+def predict(model: RecallModel, inputs: Tensor, scored: Tensor, batch: int = 256) -> Tensor:
+    """The model's outputs at the scored positions of every row, batched: [M, out]."""
+    model.eval()
+    outs = [model(inputs[i : i + batch], scored[i : i + batch]) for i in range(0, len(inputs), batch)]
+    model.train()
+    return torch.cat(outs)

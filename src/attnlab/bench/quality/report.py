@@ -1,0 +1,126 @@
+"""The quality report: a terminal table (rich when installed), ``quality.json`` and a PNG of accuracy
+against difficulty per mechanism, under ``<out>/<timestamp>/``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} GiB"
+
+
+def _value(r: dict) -> str:
+    return f"mse {r['value']:.3f}" if r["metric"] == "mse" else f"{r['value']:.3f}"
+
+
+def _slices(r: dict) -> str:
+    """Compact slice line: 'lo-hi:acc' (the cap in brackets where there is one)."""
+    parts = []
+    for s in r["slices"]:
+        cap = f"[{s['cap']:.2f}]" if "cap" in s else ""
+        parts.append(f"{s['lo']}-{s['hi'] - 1}:{s['value']:.2f}{cap}")
+    return " ".join(parts)
+
+
+COLUMNS = ("task", "difficulty", "mechanism", "d", "score", "cap", "params", "state", "lr", "by " + "slice")
+
+
+def leak_lines(rows: list[dict]) -> list[str]:
+    return [
+        f"LEAK: {r['label']} on {r['task']} {r['difficulty']}: accuracy {r['value']:.3f} > reach cap {r['cap']:.3f} "
+        "+ 0.02: the mask lets the answer through"
+        for r in rows
+        if r["leak"]
+    ]
+
+
+def table(rows: list[dict], notes: list[str], info: dict) -> None:
+    cells = [
+        [
+            r["task"],
+            r["difficulty"],
+            r["label"],
+            str(r["dim"]),
+            _value(r),
+            "-" if r["cap"] is None else f"{r['cap']:.3f}",
+            f"{r['params']:,}",
+            _bytes(r["state_bytes"]),
+            f"{r['best_lr']:g}",
+            f"{r['slice_name']} " + _slices(r),
+        ]
+        for r in rows
+    ]
+    title = f"attnlab quality — {info['cpu']} · {info['threads']} threads · torch {info['torch']}"
+    lines = [*leak_lines(rows), *notes]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(COLUMNS)]
+        for c in [list(COLUMNS), *cells]:
+            print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
+        print("\n".join(lines))
+        return
+    t = Table(title=title, header_style="bold")
+    for h in COLUMNS:
+        t.add_column(h, justify="right" if h in ("d", "score", "cap", "params", "state", "lr") else "left")
+    for c, r in zip(cells, rows):
+        t.add_row(*c, style="bold red" if r["leak"] else None)
+    console = Console(width=None if Console().is_terminal else 220)
+    console.print(t)
+    for line in lines:
+        console.print(line, style="bold red" if line.startswith("LEAK") else None, markup=False)
+
+
+def write(rows: list[dict], notes: list[str], info: dict, meta: dict, out_root: str | Path) -> Path:
+    out = Path(out_root) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": info, **meta, "leaks": leak_lines(rows), "notes": notes, "rows": rows}
+    (out / "quality.json").write_text(json.dumps(doc, indent=2))
+    return out
+
+
+def plot(rows: list[dict], out: Path) -> str:
+    """quality.png: one panel per task, score against difficulty, one line per mechanism (dashed: the
+    reach cap). Returns a line for the report (where it went, or why there is no plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot: matplotlib is not installed (pip install attnlab[viz]); no quality.png"
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys((r["mechanism"], r["dim"]) for r in rows))}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        sub = [r for r in rows if r["task"] == task]
+        diffs = list(dict.fromkeys(r["difficulty"] for r in sub))
+        for mech in dict.fromkeys((r["mechanism"], r["dim"]) for r in sub):
+            mine = [r for r in sub if (r["mechanism"], r["dim"]) == mech]
+            xs = [diffs.index(r["difficulty"]) for r in mine]
+            name = f"{mech[0]} d={mech[1]}"
+            (line,) = ax.plot(xs, [r["value"] for r in mine], "o-", color=colors[mech], label=name)
+            caps = [(x, r["cap"]) for x, r in zip(xs, mine) if r["cap"] is not None]
+            if caps:
+                ax.plot(*zip(*caps), "x--", color=line.get_color(), alpha=0.6, label=f"{name} cap")
+        ax.set_xticks(range(len(diffs)), diffs, rotation=30, ha="right", fontsize=7)
+        metric = sub[0]["metric"]
+        ax.set_title(f"{task}: {sub[0]['task_name']}", fontsize=9)
+        ax.set_ylabel("normalized MSE" if metric == "mse" else "accuracy")
+        if metric != "mse":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120)
+    plt.close(fig)
+    return f"plot: {out / 'quality.png'}"
