@@ -2,6 +2,8 @@
 lengths, forward and gradients against the dense oracle. New mechanisms are picked up from the
 registry with no new test code."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ ALL_CASES = [(m.name, c) for m in registry.MECHANISMS for c in cases(m)]
 @pytest.mark.parametrize("blocks", [(8, 16), (16, 8), (8, 8)], ids=["bq8-bk16", "bq16-bk8", "bq8-bk8"])
 @pytest.mark.parametrize(("name", "case"), ALL_CASES, ids=[f"{n}-{c}" for n, c in ALL_CASES])
 def test_fast_path_matches_oracle(name, case, blocks):
-    q, k, v = case.inputs(seed=hash(str(case)) % 1000)
+    q, k, v = case.inputs(seed=zlib.crc32(str(case).encode()) % 1000)
     try:
         with block_size(*blocks):
             problems = compare_to_reference(name, q, k, v, impl=case.impl, causal=case.causal, **case.options)

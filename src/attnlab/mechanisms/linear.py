@@ -112,9 +112,12 @@ def chunked(q, k, v, *, causal=False, scale=None, feature_map="elu+1", decay=Non
     sh = check_qkv(q, k, v)
     feats = _features(q, k, scale, feature_map)
     log_g = _log_decay(decay, feats.dtype, q.device)
+    # One cast up front: the passes' gradients then add in the compute dtype and round to q.dtype
+    # once (per-slice casts would round each pass's bf16 gradient, and passes can cancel).
+    out_dtype, (q, k, v) = q.dtype, (t.to(feats.dtype) for t in (q, k, v))
     if causal:
-        return linear_chunks.causal(q, k, v, feats, log_g, sh.S - sh.T, chunk_size, finish=True)[0]
-    return linear_chunks.noncausal(q, k, v, feats, log_g, chunk_size)
+        return linear_chunks.causal(q, k, v, feats, log_g, sh.S - sh.T, chunk_size, finish=True)[0].to(out_dtype)
+    return linear_chunks.noncausal(q, k, v, feats, log_g, chunk_size).to(out_dtype)
 
 
 def parallel(q, k, v, *, causal=False, scale=None, feature_map="elu+1", decay=None) -> _reference.Reference:
