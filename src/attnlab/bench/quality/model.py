@@ -17,7 +17,7 @@ State size (bytes, fp32) of the mixer at test length L, the x-axis of Zoology/Ba
   per key a query can see, at most: ``2 * d * 4 * max_row(mask)`` (dense: L, a window: w);
 * softmax that chooses among all keys at run time (data-dependent selection, pooled or mixed
   composites): the full cache, ``2 * L * d * 4``;
-* linear family (``family != "softmax"`` or a ``feature_map`` option): per head the state
+* linear family (registry ``family == "linear"``): per head the state
   phi(k)^T v [dh, dh] and the normalizer z [dh]: ``heads * dh * (dh + 1) * 4``.
 The conv's own state (2 * d floats) is the same for every mechanism and left out.
 """
@@ -90,7 +90,7 @@ def param_count(model: nn.Module) -> int:
 
 def is_linear_family(name: str) -> bool:
     mech = registry.get(name)
-    return mech.family != "softmax" or "feature_map" in mech.defaults
+    return mech.family == "linear"  # fixed d x d state; differential/relaxed keep a KV cache
 
 
 def static_mask(name: str, seq_len: int, options: dict) -> Tensor | None:
