@@ -53,19 +53,20 @@ def register() -> list[str]:
     return names
 
 
-def set_layer(module: torch.nn.Module, mechanism: str, **options) -> None:
-    """Pin one attention module to ``mechanism`` with ``options`` (validated now, not mid-forward)."""
+def _servable(mechanism: str) -> registry.Mechanism:
+    """The registry record, if it can stand in for a transformers attention layer."""
     mech = registry.get(mechanism)
     if mech.family != "softmax":
         raise ValueError(
             f"{mechanism} is a {mech.family} mechanism and cannot replace a softmax attention layer; "
             f"served: {', '.join(served())}"
         )
-    unknown = set(options) - set(mech.defaults)
-    if unknown:
-        raise ValueError(
-            f"{mechanism} got unknown option(s) {sorted(unknown)}; it accepts: {', '.join(mech.defaults) or 'none'}"
-        )
+    return mech
+
+
+def set_layer(module: torch.nn.Module, mechanism: str, **options) -> None:
+    """Pin one attention module to ``mechanism`` with ``options`` (validated now, not mid-forward)."""
+    registry.check_option_names(_servable(mechanism), options)
     module.attnlab = (mechanism, dict(options))
 
 
@@ -85,14 +86,9 @@ def apply_policy(model: torch.nn.Module, policy) -> torch.nn.Module:
     layers = attention_layers(model)
     policy.check(len(layers))
     for layer in policy.layers:  # refuse non-softmax mechanisms before touching the model
-        if registry.get(layer.mechanism).family != "softmax":
-            raise ValueError(
-                f"{layer.mechanism} is a {registry.get(layer.mechanism).family} mechanism; a Hugging Face layer "
-                f"computes softmax attention. Served: {', '.join(served())}"
-            )
-    for layer in policy.layers:
-        if layer.route is not None and registry.get(layer.route["mechanism"]).family != "softmax":
-            raise ValueError(f"route target {layer.route['mechanism']} is not a softmax mechanism")
+        _servable(layer.mechanism)
+        if layer.route is not None:
+            _servable(layer.route["mechanism"])
     store: dict = {}  # HyLRA: this model's block selections of the current forward, by layer
     for module, layer in zip(layers, policy.layers):
         set_layer(module, layer.mechanism, **layer.options)
@@ -163,22 +159,18 @@ def _routed(module, q, k, v, mask, causal, scale, full: tuple[str, dict]) -> Ten
     """out = z·full + (1 − z)·sparse per sequence; only the chosen branch runs at inference. The
     router reads the queries it is given (after the model's RoPE: transformers rotates before the
     attention function; the paper pools pre-RoPE queries)."""
+    from attnlab.nn.router import mix
+
     z = module.attnlab_router(q)  # [B]
     module.attnlab_z = z
-    (name, opts), (sparse, sparse_opts) = full, module.attnlab_route
-    if module.training:
-        a = masked_attention(q, k, v, mask, name, causal=causal, scale=scale, **opts)
-        b = masked_attention(q, k, v, mask, sparse, causal=causal, scale=scale, **sparse_opts)
-        zz = z.view(-1, 1, 1, 1)
-        return zz * a + (1 - zz) * b
-    out = q.new_zeros(*q.shape[:3], v.shape[-1])
-    for b in range(q.shape[0]):
-        m = None if mask is None else mask[b : b + 1] if mask.shape[0] > 1 else mask
-        which, o = (name, opts) if z[b] > 0.5 else (sparse, sparse_opts)
-        out[b : b + 1] = masked_attention(
-            q[b : b + 1], k[b : b + 1], v[b : b + 1], m, which, causal=causal, scale=scale, **o
-        )
-    return out
+    branches = {True: full, False: module.attnlab_route}
+
+    def run(is_full: bool, rows: Tensor) -> Tensor:
+        name, opts = branches[is_full]
+        m = None if mask is None else mask[rows] if mask.shape[0] > 1 else mask
+        return masked_attention(q[rows], k[rows], v[rows], m, name, causal=causal, scale=scale, **opts)
+
+    return mix(z, module.training, run)
 
 
 def _registered() -> set[str]:
@@ -254,23 +246,15 @@ def _attention_fn(default: str | None):
 def _selection_sharing(module, store, q, k, v, mask, causal, scale, options) -> Tensor:
     """HyLRA at run time: a computing layer records its block selection, a reusing layer attends
     over its source's selection without scoring."""
-    from attnlab.mechanisms import block_topk
-
     runs = None if mask is None else key_runs(_as_bool(mask), causal)
     if mask is not None and (runs is None or any(run != (0, k.shape[2]) for run in runs)):
         raise ValueError("layer reuse (HyLRA) runs on unpadded batches: selections are shared across layers per row")
     src = getattr(module, "attnlab_reuse", None)
-    if src is None:
-        sel = block_topk.select(q, k, causal=causal, scale=scale, **options)
-        store[module.layer_idx] = sel
-        profile = getattr(module, "attnlab_profile", None)
-        if profile is not None:  # profiling pass: how much of the attention mass needs how many blocks
-            weights = _reference.attention(q, k, v, causal=causal, scale=scale).weights
-            profile[module.layer_idx] = reuse.mass_ratio(weights, options.get("block_size", 64))
-    elif src not in store or store[src].layout.T != q.shape[2] or store[src].layout.S != k.shape[2]:
-        raise ValueError(f"layer {module.layer_idx} reuses layer {src}, which has no selection for this call")
-    else:
-        sel = store[src]
+    sel = reuse.shared_selection(store, module.layer_idx, src, q, k, causal=causal, scale=scale, **options)
+    profile = getattr(module, "attnlab_profile", None)
+    if src is None and profile is not None:  # profiling pass: how much of the mass needs how many blocks
+        weights = _reference.attention(q, k, v, causal=causal, scale=scale).weights
+        profile[module.layer_idx] = reuse.mass_ratio(weights, options.get("block_size", 64))
     return registry.attention(q, k, v, "block_topk", causal=causal, scale=scale, **{**options, "selection": sel})
 
 

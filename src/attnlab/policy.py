@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from attnlab import registry
+from attnlab.core import positive_int
 
 SALA_SPARSE_LAYERS = (0, 9, 16, 17, 22, 29, 30, 31)  # of 32 (spec §7.1)
 
@@ -53,13 +54,7 @@ class Layer:
             raise ValueError(
                 f"reuse needs the block_topk mechanism (it reuses a block selection), got {self.mechanism}"
             )
-        mech = registry.get(self.mechanism)  # unknown names raise, listing the valid ones
-        unknown = set(self.options) - set(mech.defaults)
-        if unknown:
-            raise ValueError(
-                f"{self.mechanism} got unknown option(s) {sorted(unknown)}; it accepts: "
-                f"{', '.join(mech.defaults) or 'none'}"
-            )
+        registry.check_option_names(registry.get(self.mechanism), self.options)  # unknown names list the valid
         object.__setattr__(self, "options", _plain(dict(self.options), self.mechanism))
 
 
@@ -112,10 +107,7 @@ class Policy:
         rule: str = "even",
     ) -> Policy:
         """``n_layers // every`` (at least 1) sparse layers, the rest linear; see the module docstring."""
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers <= 0:
-            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+        n_layers, every = positive_int("n_layers", n_layers), positive_int("every", every)
         picks = sparse_layers(n_layers, max(1, n_layers // every), rule)
         a, b = (Layer(*((x,) if isinstance(x, str) else x)) for x in (sparse, linear))
         return cls(tuple(a if i in picks else b for i in range(n_layers)), kind=f"ratio:{rule}")
@@ -126,8 +118,7 @@ class Policy:
     ) -> Policy:
         """Flux: every layer routes each sequence between ``full`` and ``sparse`` (a router per layer,
         learned; see ``attnlab.nn.router``)."""
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers <= 0:
-            raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+        n_layers = positive_int("n_layers", n_layers)
         name, options = (full, {}) if isinstance(full, str) else full
         s_name, s_opts = (sparse, {}) if isinstance(sparse, str) else sparse
         route = {"mechanism": s_name, "options": dict(s_opts)}

@@ -382,12 +382,17 @@ def _is_causal(mech: Mechanism, causal) -> bool:
     return check_causal(causal)
 
 
-def _options(mech: Mechanism, T: int, S: int, causal, options: dict) -> dict:
-    """Defaults filled in, unknown names refused, values validated and normalized."""
+def check_option_names(mech: Mechanism, options) -> None:
+    """Refuse option names the mechanism does not take (values are checked per call)."""
     unknown = set(options) - set(mech.defaults)
     if unknown:
         accepted = ", ".join(mech.defaults) or "none"
         raise ValueError(f"{mech.name} got unknown option(s) {sorted(unknown)}; it accepts: {accepted}")
+
+
+def _options(mech: Mechanism, T: int, S: int, causal, options: dict) -> dict:
+    """Defaults filled in, unknown names refused, values validated and normalized."""
+    check_option_names(mech, options)
     _is_causal(mech, causal)
     return mech.check_options(T, S, causal, {**mech.defaults, **options})
 

@@ -23,6 +23,21 @@ from torch import Tensor
 COMPUTE = -1
 
 
+def shared_selection(store: dict, layer, source, q: Tensor, k: Tensor, *, causal: bool, scale=None, **options):
+    """At run time: a computing layer (``source`` None) scores its blocks with ``block_topk`` and
+    records the selection under ``layer``; a reusing layer takes ``store[source]`` without scoring."""
+    from attnlab.mechanisms import block_topk
+
+    options = {key: val for key, val in options.items() if key != "selection"}
+    if source is None:
+        store[layer] = block_topk.select(q, k, causal=causal, scale=scale, **options)
+        return store[layer]
+    sel = store.get(source)
+    if sel is None or (sel.layout.T, sel.layout.S) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"layer {layer} reuses layer {source}, which has no selection for this call")
+    return sel
+
+
 def overlap(selections: list[Tensor]) -> Tensor:
     """T[i, j] = mean over (batch, kv head, query block) of |Top_i ∩ Top_j| / |Top_j|, from each
     layer's kept blocks (bool [B, Hkv, nQB, nKB], e.g. ``BlockSelection.blocks``)."""

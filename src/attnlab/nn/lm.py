@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab import registry
+from attnlab import registry, reuse
 from attnlab.nn.attention import Attention
 from attnlab.nn.router import RoutedAttention, sparsity_loss
 from attnlab.policy import Policy
@@ -71,14 +71,10 @@ class Block(nn.Module):
 
     def _block_topk(self, h: Tensor, selections: dict) -> Tensor:
         """HyLRA: compute and record this layer's selection, or reuse its source's."""
-        from attnlab.mechanisms import block_topk
-
         a = self.attn
         q, k, v = a.project(h)
         opts = {key: val for key, val in a.options.items() if key != "selection"}
-        if self.reuse is None:
-            selections[self.index] = block_topk.select(q, k, causal=True, scale=a.scale, **opts)
-        sel = selections[self.index if self.reuse is None else self.reuse]
+        sel = reuse.shared_selection(selections, self.index, self.reuse, q, k, causal=True, scale=a.scale, **opts)
         return a.merge_heads(
             registry.attention(q, k, v, "block_topk", causal=True, scale=a.scale, selection=sel, **opts)
         )

@@ -79,17 +79,29 @@ class RoutedAttention(nn.Module):
         q_pre = a.q_proj(x).view(B, T, a.heads, a.head_dim).transpose(1, 2)
         z = self.router(q_pre) if self.force is None else x.new_full((B,), self.force)
         q, k, v = a.project(x)
-        if self.training:  # both branches, mixed: gradients reach the router through z
-            zz = z.view(B, 1, 1, 1)
-            o = zz * a.attend(q, k, v) + (1 - zz) * self._sparse(q, k, v)
-        else:  # a hard choice per sequence: run only what was chosen
-            o = q.new_empty(B, a.heads, T, v.shape[-1])
-            full = z > 0.5
-            if full.any():
-                o[full] = a.attend(q[full], k[full], v[full])
-            if (~full).any():
-                o[~full] = self._sparse(q[~full], k[~full], v[~full])
-        return Routed(a.merge_heads(o), z)
+
+        def run(full: bool, rows: Tensor) -> Tensor:
+            branch = a.attend if full else self._sparse
+            return branch(q[rows], k[rows], v[rows])
+
+        return Routed(a.merge_heads(mix(z, self.training, run)), z)
+
+
+def mix(z: Tensor, training: bool, run) -> Tensor:
+    """out = z·full + (1 − z)·sparse over the batch. ``run(full, rows)`` computes one branch for the
+    sequences selected by the bool [B] ``rows``. Training runs both branches everywhere (gradients
+    reach the router through z); inference runs, per sequence, only the chosen one."""
+    every = torch.ones_like(z, dtype=torch.bool)
+    if training:
+        zz = z.view(-1, 1, 1, 1)
+        return zz * run(True, every) + (1 - zz) * run(False, every)
+    chosen = z > 0.5
+    parts = {flag: run(flag, rows) for flag, rows in ((True, chosen), (False, ~chosen)) if rows.any()}
+    first = next(iter(parts.values()))
+    out = first.new_empty(z.shape[0], *first.shape[1:])
+    for flag, part in parts.items():
+        out[chosen if flag else ~chosen] = part
+    return out
 
 
 def sparsity_loss(z: list[Tensor], target: float) -> Tensor:
