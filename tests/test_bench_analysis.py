@@ -84,3 +84,20 @@ def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
     assert all(r["median_ms"] is not None and 0 < r["density"] <= 1 for r in rows)
     dense = {r["pattern"]: r["density"] for r in rows}
     assert dense["full"] == 1.0 and dense["document"] < dense["causal"]
+
+
+def test_probes_time_a_call_and_see_its_memory():
+    import time
+
+    import torch
+
+    from attnlab.bench import measure
+
+    assert 0.02 <= measure.elapsed(lambda: time.sleep(0.02), "cpu") < 1.0
+    probe = measure.peak_memory("cpu")
+    assert isinstance(probe, measure.PeakRSS)
+    with probe:
+        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        time.sleep(0.01)
+        del x
+    assert probe.peak is not None and probe.peak >= 32 << 20

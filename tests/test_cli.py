@@ -67,3 +67,25 @@ def test_bad_bench_input_exits_with_one_line_and_no_traceback(tmp_path, capsys):
             cli.main(argv)
         assert e.value.code == 2
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bench_device_cuda_without_cuda_is_one_line_error(tmp_path, capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for builds that see none")
+    for suite in ("efficiency", "quality"):
+        assert cli.main(["bench", "--suite", suite, "--device", "cuda", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "attnlab bench: error: --device cuda was asked for, but this torch build sees no CUDA device"
+
+
+def test_bench_records_the_device_it_timed_on(tmp_path):
+    args = ["bench", "--mechanisms", "dense", "--lengths", "64", "--modes", "fwd", "--masks", "causal", "--flex"]
+    assert cli.main([*args, "--device", "auto", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    import torch
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((run / "results.json").read_text())["machine"]["device"] == want

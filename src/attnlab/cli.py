@@ -77,7 +77,15 @@ def _bench_input_problem(args) -> str | None:
     """What is wrong with the command line, found before any minute is spent benchmarking."""
     if args.lengths is not None and any(n <= 0 for n in args.lengths):
         return f"--lengths must be positive, got {args.lengths}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda was asked for, but this torch build sees no CUDA device"
     return _writable(args.out)
+
+
+def _device(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
 
 
 def _patterns(args) -> tuple[str, ...]:
@@ -120,8 +128,9 @@ def cmd_quality(args) -> int:
     from attnlab.bench.quality import report as qreport
 
     names, notes = mechanisms.select(args.mechanisms, args.preset)
-    info = report.banner()
-    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
+    device = _device(args)
+    info = report.banner(device)
+    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
     tasks = args.tasks or list(suite.PRESETS[args.preset].tasks)
     t0 = time.perf_counter()
     try:
@@ -129,9 +138,9 @@ def cmd_quality(args) -> int:
 
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, transient=True) as progress:
-            rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, progress=progress)
+            rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, progress=progress, device=device)
     except ImportError:
-        rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke)
+        rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, device=device)
     notes += more
     wall = time.perf_counter() - t0
     meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "wall_s": wall}
@@ -159,8 +168,9 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
-    info = report.banner()
-    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']}")
+    device = _device(args)
+    info = report.banner(device)
+    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
     print("correctness gate: the contract on small shapes for every mechanism (no speed for a failure)")
     kwargs = dict(
         preset=args.preset,
@@ -170,6 +180,7 @@ def cmd_bench(args) -> int:
         flex=tuple(args.flex) if args.flex is not None else _default_flex(args.preset),
         causal=tuple(m == "causal" for m in args.masks),
         patterns=_patterns(args),
+        device=device,
     )
     names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
     try:
@@ -208,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--masks", nargs="+", choices=["full", "causal"], default=["full", "causal"])
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], default="fp32")
     b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
+    b.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="cpu",
+        help="where to time and train (auto: CUDA when present); CUDA timing uses CUDA events",
+    )
     b.add_argument(
         "--flex", nargs="*", default=None, help="mechanisms to time against compiled Flex (default: by preset)"
     )

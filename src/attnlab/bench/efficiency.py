@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from attnlab import registry
-from attnlab.bench.measure import PeakRSS, time_interleaved
+from attnlab.bench.measure import elapsed, peak_memory, time_interleaved
 from attnlab.testing import check_mechanism
 
 FLOP_RULE = (
@@ -127,11 +126,11 @@ def gate(names: list[str]) -> dict[str, list[str]]:
     return {n: check_mechanism(n, dtypes=(torch.float32, torch.float64)) for n in names}
 
 
-def _inputs(T: int, B: int, H: int, Hkv: int, D: int, dtype, grad: bool):
-    g = torch.Generator().manual_seed(T)
-    q = torch.randn(B, H, T, D, generator=g).to(dtype).requires_grad_(grad)
-    k = torch.randn(B, Hkv, T, D, generator=g).to(dtype).requires_grad_(grad)
-    v = torch.randn(B, Hkv, T, D, generator=g).to(dtype).requires_grad_(grad)
+def _inputs(T: int, B: int, H: int, Hkv: int, D: int, dtype, grad: bool, device="cpu"):
+    g = torch.Generator().manual_seed(T)  # drawn on the CPU: the same inputs on every device
+    q = torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_(grad)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(device, dtype).requires_grad_(grad)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(device, dtype).requires_grad_(grad)
     return q, k, v
 
 
@@ -181,10 +180,12 @@ def run(
     flex: tuple[str, ...] = ("sliding_window",),
     causal: tuple[bool, ...] = (False, True),
     patterns: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
     progress=None,
 ) -> tuple[list[Row], dict[str, list[str]]]:
     """Gate, then time every mechanism (``names``; [] for none) and every LongCA-bench mask pattern in
-    ``patterns``. Returns the rows and the gate failures (mechanisms that failed get no speed)."""
+    ``patterns`` on ``device``. Returns the rows and the gate failures (mechanisms that failed get no
+    speed). The gate runs the contract on the CPU, where the dense reference is exact."""
     from attnlab.bench.patterns import PATTERNS
 
     names = registry.mechanisms() if names is None else list(names)
@@ -198,6 +199,7 @@ def run(
         "preset": preset,
         "flex": flex,
         "flex_lengths": lengths if preset == "full" else (max(lengths),),
+        "device": torch.device(device),
     }
     plan = []  # (pattern label, mechanism, T, causal, mode, options at T)
     for name in names:
@@ -240,13 +242,19 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     B, H, Hkv, D = ctx["shape"]
     T, causal, mode = row.T, row.causal, row.mode
     has_layout = mech.layout is not None and mech.name != "dense"  # dense runs on SDPA, no layout
-    q, k, v = _inputs(T, B, H, Hkv, D, ctx["dtype"], mode != "fwd")
-    t0 = time.perf_counter()
-    if mech.select is not None:  # data-dependent: the layout of this input's selection
-        lay = mech.select(q, k, causal=causal, **opts).layout
-    else:
-        lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts) if has_layout else None
-    row.build_ms = (time.perf_counter() - t0) * 1e3 if lay is not None else None  # first build (cached after)
+    device = ctx["device"]
+    q, k, v = _inputs(T, B, H, Hkv, D, ctx["dtype"], mode != "fwd", device)
+    lay = None
+
+    def build():
+        nonlocal lay
+        if mech.select is not None:  # data-dependent: the layout of this input's selection
+            lay = mech.select(q, k, causal=causal, **opts).layout
+        elif has_layout:
+            lay = mech.block_layout(T, T, causal=causal, kv_heads=Hkv, **opts)
+
+    build_s = elapsed(build, device)
+    row.build_ms = build_s * 1e3 if lay is not None else None  # first build (cached after)
     sdpa_area = T * (T + 1) / 2 if causal else T * T
     # allowed (q, k) pairs per head, averaged over the layout's batch / kv-head slices; a composite
     # without one layout (a gated mixture of branches) has no single density
@@ -265,20 +273,18 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
         return registry.attention(q, k, v, mech.name, causal=causal, **opts)
 
     ours = _call(fn, q, k, v, mode)
-    t0 = time.perf_counter()
-    ours()  # cold call: builds and caches the layout; also a measured guard for slow paths
-    cold = time.perf_counter() - t0
+    cold = elapsed(ours, device)  # cold call: builds and caches the layout; a measured guard for slow paths
     if 4 * cold > CONFIG_CAP_S[ctx["preset"]]:
         row.note = f"skipped: one call took {cold:.1f}s, over the {ctx['preset']} preset's per-config cap"
         return
     # Large configurations (> 1 s a call pair) take the median of two repeats, small ones of >= 3.
     repeats = 2 if estimate / 4 > 1.0 else 3
     base, timing = time_interleaved(
-        [_call(_sdpa(causal, H != Hkv), q, k, v, mode), ours], budget=ctx["budget"], min_repeats=repeats
+        [_call(_sdpa(causal, H != Hkv), q, k, v, mode), ours], budget=ctx["budget"], min_repeats=repeats, device=device
     )
-    with PeakRSS() as probe:
+    with peak_memory(device) as probe:
         ours()
-    with PeakRSS() as base_probe:
+    with peak_memory(device) as base_probe:
         _call(_sdpa(causal, H != Hkv), q, k, v, mode)()
     if base_probe.peak is not None:
         row.sdpa_peak_mib = base_probe.peak / 2**20
@@ -295,7 +301,7 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
         if isinstance(flex, str):
             row.note = flex
         else:
-            f_t, o_t = time_interleaved([flex, ours], budget=ctx["budget"])
+            f_t, o_t = time_interleaved([flex, ours], budget=ctx["budget"], device=device)
             row.vs_flex = f_t.median / o_t.median
 
 

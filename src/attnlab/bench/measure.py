@@ -1,5 +1,9 @@
-"""Timing and memory probes: medians over repeats after warm-up, and peak RSS sampled while a call
-runs (a real probe of the process, not an estimate)."""
+"""Timing and memory probes: medians over repeats after warm-up, and peak memory measured while a call
+runs (a real probe, not an estimate): resident set size on CPU, the caching allocator's peak on CUDA.
+
+On CUDA a call is timed with CUDA events recorded around it (kernel launches are asynchronous, so a
+host clock would time the launch, not the work); on CPU with ``time.perf_counter``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 _PAGE = 4096
 
@@ -59,30 +65,69 @@ class Timing:
     first: float  # the cold first call: includes building and caching the layout
 
 
+def elapsed(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Seconds one call of ``fn`` takes on ``device``."""
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)  # nothing queued before the call counts against it
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+class PeakCUDA:
+    """Context manager: ``peak`` = the CUDA caching allocator's highest allocation above the starting
+    one, in bytes (what the call itself needed, not what was already resident)."""
+
+    def __init__(self, device: torch.device | str = "cuda"):
+        self.device, self.peak = torch.device(device), None
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+
+
+def peak_memory(device: torch.device | str = "cpu"):
+    """The memory probe for ``device``: :class:`PeakCUDA` on CUDA, :class:`PeakRSS` elsewhere."""
+    return PeakCUDA(device) if torch.device(device).type == "cuda" else PeakRSS()
+
+
 def _summary(times: list[float], first: float) -> Timing:
     med = statistics.median(times)
     return Timing(med, (max(times) - min(times)) / med if med else 0.0, len(times), first)
 
 
-def time_call(fn: Callable[[], object], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0) -> Timing:
+def time_call(
+    fn: Callable[[], object], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0, device="cpu"
+) -> Timing:
     """One cold call (also the warm-up), then repeats until ``budget`` seconds or ``max_repeats``."""
-    return time_interleaved([fn], min_repeats=min_repeats, max_repeats=max_repeats, budget=budget)[0]
+    return time_interleaved([fn], min_repeats=min_repeats, max_repeats=max_repeats, budget=budget, device=device)[0]
 
 
 def time_interleaved(
-    fns: list[Callable[[], object]], *, min_repeats: int = 3, max_repeats: int = 10, budget: float = 3.0
+    fns: list[Callable[[], object]],
+    *,
+    min_repeats: int = 3,
+    max_repeats: int = 10,
+    budget: float = 3.0,
+    device: torch.device | str = "cpu",
 ) -> list[Timing]:
     """Time several calls in alternation, ``a b a b ...``, so that machine drift (other load,
     frequency changes) hits all of them alike and their ratio stays honest on a shared box."""
-    firsts = []
-    for fn in fns:
-        t0 = time.perf_counter()
-        fn()
-        firsts.append(time.perf_counter() - t0)
+    firsts = [elapsed(fn, device) for fn in fns]
     times: list[list[float]] = [[] for _ in fns]
     while len(times[0]) < min_repeats or (len(times[0]) < max_repeats and sum(map(sum, times)) < budget):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            ts.append(elapsed(fn, device))
     return [_summary(ts, f) for ts, f in zip(times, firsts)]

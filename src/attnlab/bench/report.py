@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 
-def banner() -> dict:
+def banner(device: torch.device | str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -26,6 +26,7 @@ def banner() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "device": str(device),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -118,8 +118,11 @@ def state_bytes(name: str, seq_len: int, dim: int, heads: int, options: dict) ->
 
 @torch.no_grad()
 def predict(model: RecallModel, inputs: Tensor, scored: Tensor, batch: int = 256) -> Tensor:
-    """The model's outputs at the scored positions of every row, batched: [M, out]."""
+    """The model's outputs at the scored positions of every row, batched: [M, out] on the CPU."""
     model.eval()
-    outs = [model(inputs[i : i + batch], scored[i : i + batch]) for i in range(0, len(inputs), batch)]
+    dev = next(model.parameters()).device
+    outs = [
+        model(inputs[i : i + batch].to(dev), scored[i : i + batch].to(dev)).cpu() for i in range(0, len(inputs), batch)
+    ]
     model.train()
     return torch.cat(outs)

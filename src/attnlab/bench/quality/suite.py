@@ -184,10 +184,10 @@ def _ranges(point: Point) -> list[tuple[int, int]]:
     return [(0, 8)] + [(lo, hi) for lo, hi in metrics.buckets(point.seq_len) if lo >= 8]
 
 
-def _train_one(job: Job, lr: float, seed: int, sched: Schedule, on_step) -> dict:
+def _train_one(job: Job, lr: float, seed: int, sched: Schedule, on_step, device="cpu") -> dict:
     train, test = data(job.point, seed)
     torch.manual_seed(seed)
-    model = build(job.point, job.name, job.opts, job.dim)
+    model = build(job.point, job.name, job.opts, job.dim).to(device)
     res = fit(model, train, test, replace(sched, lr=lr), seed, on_step)
     res["slices"] = metrics.sliced(res.pop("grid"), tasks.scored(test), test.slice_, _ranges(job.point))
     res.update(lr=lr, seed=seed, params=param_count(model))
@@ -249,8 +249,17 @@ def _fixed(point: Point) -> dict:
     return {}
 
 
-def run(names: list[str], preset: str = "quick", task_ids: list[str] | None = None, *, smoke=False, progress=None):
-    """Train everything the preset plans; returns (rows, notes)."""
+def run(
+    names: list[str],
+    preset: str = "quick",
+    task_ids: list[str] | None = None,
+    *,
+    smoke=False,
+    progress=None,
+    device: torch.device | str = "cpu",
+):
+    """Train everything the preset plans on ``device``; returns (rows, notes). Data are generated and
+    scored on the CPU; each batch moves to the device."""
     cfg = PRESETS[preset]
     sched = replace(cfg.schedule, epochs=1) if smoke else cfg.schedule
     jobs, notes = plan(names, preset, list(task_ids or cfg.tasks), smoke)
@@ -269,7 +278,7 @@ def run(names: list[str], preset: str = "quick", task_ids: list[str] | None = No
                     progress.update(bar, description=desc)
                 done = 0
                 if key not in cache:
-                    cache[key] = _train_one(job, lr, seed, sched, advance)
+                    cache[key] = _train_one(job, lr, seed, sched, advance, device)
                     done = cache[key]["steps"]
                 if progress:  # an early stop or a shared run: jump to the run's planned end
                     progress.advance(bar, steps(job) - done)

@@ -52,6 +52,8 @@ def evaluate(model: RecallModel, test: TaskData) -> dict:
 
 
 def _loss(model: RecallModel, inputs, labels, mask):
+    dev = next(model.parameters()).device
+    inputs, labels, mask = inputs.to(dev), labels.to(dev), mask.to(dev)
     out = model(inputs, mask)
     if labels.is_floating_point():
         return F.mse_loss(out.squeeze(-1), labels[mask])
