@@ -5,7 +5,11 @@
     x = x + Attention(LN(x))                     the mechanism under test, causal, no position embedding
     h = LN(x)[scored positions] -> head          logits [M, V] (or [M, 1] for regression)
 
-No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). The conv is
+No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). Weights start
+as in Zoology's ``_init_weights`` (GPT-2's): every linear map and the embedding N(0, 0.02), biases 0,
+and the residual branches' output projection N(0, 0.02 / sqrt(2 * layers)). PyTorch's default init
+(an N(0, 1) embedding next to unit-scale branches) learned MQAR far slower here: linear attention at
+L=128, N=16 reached 0.24 instead of 0.76 in 6 epochs (same seed, independent scratch model). The conv is
 ungated: a gated variant (Based's BaseConv, dwconv(h) * W h) learned T1 worse here (dense 0.943 vs
 0.989 after 6 epochs at lr 3e-3, same seed). The head runs
 on the scored positions only: the loss is the same (every other label is ignored) and with a large
@@ -23,6 +27,8 @@ The conv's own state (2 * d floats) is the same for every mechanism and left out
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +79,17 @@ class RecallModel(nn.Module):
         self.mixer = Attention(dim, heads, mechanism=mechanism, causal=True, **(options or {}))
         self.out_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_features or vocab)
+        self._init_weights()
+
+    def _init_weights(self, std: float = 0.02, layers: int = 2) -> None:
+        """Zoology's (GPT-2's) init; ``layers`` counts the residual branches (conv block, mixer)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if layers:
+            nn.init.normal_(self.mixer.o_proj.weight, std=std / math.sqrt(2 * layers))
 
     def hidden(self, inputs: Tensor) -> Tensor:
         x = self.embed(inputs)  # [B, L, d]
