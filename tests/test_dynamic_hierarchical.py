@@ -134,3 +134,18 @@ def test_boundary_chunking_on_sequences_shorter_than_its_window(S):
     k, v = torch.randn(2, 1, 2, S, 4, dtype=torch.float64)
     opts = {"budget": 3, "local": 1, "sinks": 1, "boundary_window": 4}
     assert not compare_to_reference("dynamic_hierarchical", q, k, v, causal=True, **opts)
+
+
+def test_row_passes_do_not_change_the_selection(monkeypatch):
+    from attnlab.kernels import block_size
+
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 2, 90, 4), torch.randn(2, 2, 90, 4)
+    opts = {"chunking": "fixed", "chunk_size": 5, "budget": 17, "local": 4, "sinks": 3}
+    with block_size(8, 8):
+        one = dhsa.select(q, k, **opts)
+        monkeypatch.setattr(dhsa, "_ROWS_ELEMS", 1)  # one query block per pass
+        many = dhsa.select(q, k, **opts)
+    for a, b in ((one.take, many.take), (one.cut, many.cut), (one.layout.kv_blocks, many.layout.kv_blocks)):
+        assert torch.equal(a, b)
+    assert torch.equal(one.layout.partial, many.layout.partial)

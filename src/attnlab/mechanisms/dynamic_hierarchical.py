@@ -201,12 +201,29 @@ def _fill_budgets(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: 
 
     lo_c, hi_c [Nc]: chunk bounds; order, rank [Nc, Nc]: key chunks by rank / ranks, per query chunk;
     chunk_of [S]; p [T]: key positions of the rows. Returns take, cut [T] and the block
-    classification visited, full [nQB, nKB].
+    classification visited, full [nQB, nKB]. Rows go in block-aligned passes: a pass of n rows
+    meets at most n pairs, so it holds O(n * Nc) elements.
+    """
+    T, (Bq, Bk), Nc = len(p), block, lo_c.shape[0]
+    take, cut = torch.empty(T, dtype=torch.long), torch.empty(T, dtype=torch.long)
+    visited = torch.zeros(math.ceil(T / Bq), math.ceil(S / Bk), dtype=torch.bool)
+    full = torch.zeros_like(visited)
+    step = Bq * max(1, _ROWS_ELEMS // (Bq * (Nc + 2)))
+    for r0 in range(0, T, step):
+        r = slice(r0, min(T, r0 + step))
+        qb = slice(r0 // Bq, math.ceil(r.stop / Bq))
+        take[r], cut[r], visited[qb], full[qb] = _fill_rows(lo_c, hi_c, order, rank, chunk_of, p[r], S, o, block)
+    return take, cut, visited, full
+
+
+def _fill_rows(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: tuple[int, int]):
+    """_fill_budgets for a run of rows starting at a query-block boundary.
 
     Row p's rest range [sinks, R), R = p - local + 1, meets exactly the chunks up to e, the chunk
     holding key R - 1: each whole (clamped at the sinks) but e, which holds s = R - max(lo_e, sinks)
     keys. So the fill depends on the row only through the pair (query chunk u, e), shared by runs of
-    rows (P <= 2 Nc + 1 pairs), and two scalars: s and the room left by the sinks and local window.
+    rows (P <= 2 Nc + 1 pairs in all), and two scalars: s and the room left by the sinks and local
+    window.
     """
     sinks, local, budget = o["sinks"], o["local"], o["budget"]
     Nc = lo_c.shape[0]
@@ -255,27 +272,18 @@ def _pair_lists(order: Tensor, size: Tensor, pu: Tensor, pe: Tensor):
 
 
 def _classify(lo_c, hi_c, L, pair, k, n_chosen, cut, p, S: int, o: dict, block: tuple[int, int]):
-    """visited, full [nQB, nKB] from each row's intervals: sinks, the local window, its first
-    n_chosen list chunks (the one at slot k from cut on), in row passes of bounded size."""
+    """visited, full [ceil(n / Bq), nKB] from each row's intervals: sinks, the local window, its
+    first n_chosen list chunks (the one at slot k from cut on)."""
     sinks, local = o["sinks"], o["local"]
-    T, (Bq, Bk) = len(p), block
-    K = int(n_chosen.max()) if T else 0
-    visited = torch.zeros(math.ceil(T / Bq), math.ceil(S / Bk), dtype=torch.bool)
-    full = torch.zeros_like(visited)
-    step = Bq * max(1, _ROWS_ELEMS // (Bq * (K + 2)))  # rows per pass, block-aligned
+    K = int(n_chosen.max()) if len(p) else 0
     slots = torch.arange(K)
-    for r0 in range(0, T, step):
-        r = slice(r0, min(T, r0 + step))
-        pr, R = p[r].unsqueeze(1), p[r].unsqueeze(1) - local + 1
-        c = L[pair[r], :K]  # [n, K]
-        lo = torch.where(slots == k[r].unsqueeze(1), torch.maximum(lo_c[c], cut[r].unsqueeze(1)), lo_c[c])
-        lo = lo.clamp(min=sinks)
-        hi = torch.where(slots < n_chosen[r].unsqueeze(1), torch.minimum(hi_c[c], R), lo)
-        lo = torch.cat([lo, torch.zeros_like(pr), R.clamp(min=sinks)], 1)  # + sinks, local window
-        hi = torch.cat([hi, (pr + 1).clamp(max=sinks), pr + 1], 1)
-        qb = slice(r0 // Bq, math.ceil(r.stop / Bq))
-        visited[qb], full[qb] = interval_blocks(lo, hi, S, block)
-    return visited, full
+    pr, R = p.unsqueeze(1), p.unsqueeze(1) - local + 1
+    c = L[pair, :K]  # [n, K]
+    lo = torch.where(slots == k.unsqueeze(1), torch.maximum(lo_c[c], cut.unsqueeze(1)), lo_c[c]).clamp(min=sinks)
+    hi = torch.where(slots < n_chosen.unsqueeze(1), torch.minimum(hi_c[c], R), lo)
+    lo = torch.cat([lo, torch.zeros_like(pr), R.clamp(min=sinks)], 1)  # + sinks, local window
+    hi = torch.cat([hi, (pr + 1).clamp(max=sinks), pr + 1], 1)
+    return interval_blocks(lo, hi, S, block)
 
 
 def _pad_starts(starts: list[Tensor], Nc: int, S: int) -> list[Tensor]:
