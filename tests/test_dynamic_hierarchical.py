@@ -37,14 +37,17 @@ def brute_mask(q, k, starts, budget, local, sinks):
     return m
 
 
-@pytest.mark.parametrize(("T", "S"), [(40, 40), (17, 40)])
-def test_selection_rule_by_loops(T, S):
+@pytest.mark.parametrize(
+    ("T", "S", "chunk", "budget", "local", "sinks"),
+    [(40, 40, 6, 13, 3, 2), (17, 40, 6, 13, 3, 2), (52, 40, 6, 13, 3, 2), (45, 45, 4, 21, 2, 7), (30, 30, 7, 9, 0, 0)],
+)
+def test_selection_rule_by_loops(T, S, chunk, budget, local, sinks):
     torch.manual_seed(T)
     q = torch.randn(1, 2, T, 4, dtype=torch.float64)
     k = torch.randn(1, 2, S, 4, dtype=torch.float64)
-    opts = {"chunking": "fixed", "chunk_size": 6, "budget": 13, "local": 3, "sinks": 2}
+    opts = {"chunking": "fixed", "chunk_size": chunk, "budget": budget, "local": local, "sinks": sinks}
     sel = dhsa.select(q, k, **opts)
-    assert torch.equal(sel.dense_mask()[0, 0], brute_mask(q, k, list(range(0, S, 6)), 13, 3, 2))
+    assert torch.equal(sel.dense_mask()[0, 0], brute_mask(q, k, list(range(0, S, chunk)), budget, local, sinks))
 
 
 def test_boundary_rule_against_the_materialized_map():
@@ -100,7 +103,9 @@ def test_boundary_chunking_needs_self_attention():
         attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True)
 
 
-@pytest.mark.parametrize(("T", "S", "blocks"), [(50, 50, (8, 16)), (33, 70, (16, 8))])
+@pytest.mark.parametrize(
+    ("T", "S", "blocks"), [(50, 50, (8, 16)), (33, 70, (16, 8)), (90, 90, (5, 7)), (70, 40, (4, 4))]
+)
 def test_layout_is_the_exact_block_classification_of_the_selection(T, S, blocks):
     """The analytic block classification (from per-row intervals) equals classifying the tiles of
     the selection's dense mask: nothing visited in vain, every full block found."""
@@ -121,3 +126,26 @@ def test_layout_is_the_exact_block_classification_of_the_selection(T, S, blocks)
                 got_v[n, m], got_p[n, m] = True, part
     assert torch.equal(got_v, want_v)
     assert torch.equal(got_v & ~got_p, want_v & want_f)
+
+
+@pytest.mark.parametrize("S", [1, 3, 7])
+def test_boundary_chunking_on_sequences_shorter_than_its_window(S):
+    q = torch.randn(1, 2, S, 4, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, S, 4, dtype=torch.float64)
+    opts = {"budget": 3, "local": 1, "sinks": 1, "boundary_window": 4}
+    assert not compare_to_reference("dynamic_hierarchical", q, k, v, causal=True, **opts)
+
+
+def test_row_passes_do_not_change_the_selection(monkeypatch):
+    from attnlab.kernels import block_size
+
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 2, 90, 4), torch.randn(2, 2, 90, 4)
+    opts = {"chunking": "fixed", "chunk_size": 5, "budget": 17, "local": 4, "sinks": 3}
+    with block_size(8, 8):
+        one = dhsa.select(q, k, **opts)
+        monkeypatch.setattr(dhsa, "_ROWS_ELEMS", 1)  # one query block per pass
+        many = dhsa.select(q, k, **opts)
+    for a, b in ((one.take, many.take), (one.cut, many.cut), (one.layout.kv_blocks, many.layout.kv_blocks)):
+        assert torch.equal(a, b)
+    assert torch.equal(one.layout.partial, many.layout.partial)

@@ -89,7 +89,14 @@ class _Ctx:
             off = xs.storage_offset() + int(g.starts[0]) * self.Bk * sS
             return xs.as_strided((xs.shape[0], m, span, xs.shape[2]), (sN, g.step * self.Bk * sS, sS, 1), off), None
         idx = g.key_index(self.Bk).flatten()
-        return xs.index_select(1, idx).view(xs.shape[0], m, span, xs.shape[2]), idx
+        N, E = xs.shape[0], xs.shape[2]
+        if not xs.is_contiguous():
+            return xs.index_select(1, idx).view(N, m, span, E), idx
+        # Whole blocks as rows of [N * nKB, Bk * E]: index_select over dim 0 copies Bk * E elements
+        # per index and runs on every thread (its dim-1 path is a serial loop).
+        nKB = xs.shape[1] // self.Bk
+        rows = (torch.arange(N).unsqueeze(1) * nKB + g.blocks.flatten()).flatten()  # [N * m * L]
+        return xs.view(N * nKB, self.Bk * E).index_select(0, rows).view(N, m, span, E), idx
 
     def square(self, x: Tensor, g: _Group) -> Tensor:
         """A square group's rows from blocked x [B, Hkv, nQB, G*Bq, E] as [N, G, m*Bq, E]: the G
@@ -130,18 +137,34 @@ class _Ctx:
         return add, has_key
 
     def _build_mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        q_idx = g.items.unsqueeze(1) * self.Bq + self.q_pos  # [m, rows]
-        kv_idx = g.key_index(self.Bk)  # [m, span]
+        """The predicate runs on the group's partial blocks only: full blocks are allowed for every
+        real row by the layout's contract (rows past T are padding and don't matter)."""
+        m, L = g.blocks.shape
+        part = self._partial_flags(g)  # [m, L]
+        i, j = part.nonzero(as_tuple=True)  # [P] the partial (query block, key block) pairs
+        q_idx = g.items[i].unsqueeze(1) * self.Bq + self.q_pos  # [P, rows]
+        kv_idx = g.blocks[i, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk)  # [P, Bk]
         bt, ht = torch.tensor(g.b), torch.tensor(g.h)
-        allowed = self.layout.mask_mod(
+        ok = self.layout.mask_mod(
             bt, ht, q_idx.clamp(max=self.T - 1).unsqueeze(2), kv_idx.clamp(max=self.S - 1).unsqueeze(1)
         )
-        allowed = allowed & (kv_idx < self.S).unsqueeze(1)
-        has_key = allowed.any(dim=2)
-        if allowed.shape[0] > 1 and bool((allowed == allowed[:1]).all()):
-            allowed = allowed[:1]  # translation-invariant patterns share one mask
-        add = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        return add.unsqueeze(0), has_key
+        ok = (ok & (kv_idx < self.S).unsqueeze(1)).expand(len(i), self.rows, self.Bk)  # [P, rows, Bk]
+        has_key = (~part).any(1, keepdim=True).expand(m, self.rows).clone()  # a full block: every row
+        has_key.index_put_((i,), ok.any(2), accumulate=True)  # logical or
+        if m > 1 and bool((part == part[:1]).all()):
+            per = len(i) // m  # the same partial slots in every query block (i is sorted)
+            if bool((ok.view(m, per, self.rows, self.Bk) == ok[:per]).all()):
+                m, i, j, ok = 1, i[:per], j[:per], ok[:per]  # translation-invariant: one shared mask
+        add = torch.zeros(m, self.rows, L, self.Bk, dtype=dtype)
+        add[i, :, j] = torch.zeros((), dtype=dtype).masked_fill(~ok, float("-inf"))
+        return add.view(1, m, self.rows, L * self.Bk), has_key
+
+    def _partial_flags(self, g: _Group) -> Tensor:
+        """Which of the group's blocks [m, L] the layout marks partial (visited ids are ascending)."""
+        kvb = self.layout.kv_blocks[g.b, g.h][g.items]  # [m, V], -1 after the visited ids
+        ids = torch.where(kvb >= 0, kvb, self.layout.n_k_blocks)
+        at = torch.searchsorted(ids, g.blocks).clamp(max=kvb.shape[1] - 1)
+        return self.layout.partial[g.b, g.h][g.items].gather(1, at)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:

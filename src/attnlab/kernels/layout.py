@@ -207,32 +207,35 @@ def layout_from_blocks(
 
 
 def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Block classification from per-row key intervals, with no per-key work.
+    """Block classification from per-row key intervals, with no per-key and no per-(row, block) work.
 
     lo, hi [rows, n]: each query row's allowed keys as disjoint intervals [lo, hi) (empty when
     hi <= lo); rows start at a query-block boundary. Returns visited, full: bool [ceil(rows / Bq),
-    nKB]. Each interval adds its overlap to the key blocks it touches (a whole-block run through a
-    difference array, the two ragged ends directly); a block is visited when some row covers a key
-    of it and full when every row covers all of it.
+    nKB]. Each interval adds its overlap to the (query block, key block) cells it touches: a
+    whole-block run through a difference array, the two ragged ends directly. Disjoint intervals
+    cover at most a block's width per row, so the summed cover is positive iff some row covers a key
+    (visited) and equals rows x width iff every row covers all of it (full).
     """
     Bq, Bk = block
     rows, nKB = lo.shape[0], math.ceil(S / Bk)
-    hi = torch.maximum(hi, lo)
+    nQB, W = math.ceil(rows / Bq), nKB + 1  # one spare column for runs ending at the last block
+    lo = lo.clamp(0, S)  # keys exist in [0, S) only
+    hi = torch.maximum(hi.clamp(max=S), lo)
     real = hi > lo
     first, last = -(-lo // Bk), hi // Bk  # the whole blocks inside are first .. last - 1
-    cov = torch.zeros(rows, nKB + 2, dtype=torch.int32)
-    inner = (first < last).int() * Bk
-    cov.scatter_add_(1, first.clamp(max=nKB + 1), inner).scatter_add_(1, last.clamp(max=nKB + 1), -inner)
-    cov = cov.cumsum(1, dtype=torch.int32)
+    cell = (torch.arange(rows) // Bq * W).unsqueeze(1)  # [rows, 1] the row's query block in flat cells
+    inner = ((first < last).int() * Bk).flatten()
+    cov = torch.zeros(nQB * W, dtype=torch.int32)
+    cov.scatter_add_(0, (cell + first).flatten(), inner).scatter_add_(0, (cell + last).flatten(), -inner)
+    cov = cov.view(nQB, W).cumsum(1, dtype=torch.int32).flatten()
     head = torch.where(real & (lo % Bk != 0), torch.minimum(hi, first * Bk) - lo, 0).int()
     tail = torch.where(real & (hi % Bk != 0) & (last >= first), hi - last * Bk, 0).int()
-    cov.scatter_add_(1, (lo // Bk).clamp(max=nKB + 1), head).scatter_add_(1, last.clamp(max=nKB + 1), tail)
-    cov = cov[:, :nKB]
-    width = (S - torch.arange(nKB) * Bk).clamp(max=Bk).int()
-    pad = -rows % Bq  # rows past the end: never visit, never spoil fullness
-    visited = F.pad(cov > 0, (0, 0, 0, pad), value=False).view(-1, Bq, nKB).any(1)
-    full = F.pad(cov == width, (0, 0, 0, pad), value=True).view(-1, Bq, nKB).all(1)
-    return visited, full
+    cov.scatter_add_(0, (cell + lo // Bk).flatten(), head.flatten())
+    cov.scatter_add_(0, (cell + last.clamp(max=nKB)).flatten(), tail.flatten())
+    cov = cov.view(nQB, W)[:, :nKB]
+    width = (S - torch.arange(nKB) * Bk).clamp(max=Bk).int()  # [nKB]
+    n_rows = (rows - torch.arange(nQB) * Bq).clamp(max=Bq).int()  # [nQB] real rows per query block
+    return cov > 0, cov == n_rows.unsqueeze(1) * width
 
 
 def block_ranges(lo: Tensor, hi: Tensor, block_q: int) -> tuple[Tensor, Tensor]:

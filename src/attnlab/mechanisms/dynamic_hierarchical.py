@@ -101,9 +101,9 @@ def _column_mass(q: Tensor, k: Tensor, scale: float, w: int):
     cols = dv[..., 0].mean(1)  # dV = P^T 1: every column of dV is the column mass
     band = []
     for d in range(2 * w):
-        r = torch.arange(d, S)
+        r = torch.arange(min(d, S), S)  # none when the band runs past a short sequence
         s = (q[:, :, r] * kk[:, :, r - d]).sum(-1) * scale - lse[:, :, r]
-        band.append(F.pad(torch.exp(s).mean(1), (0, d)))  # A[j + d, j] at index j
+        band.append(F.pad(torch.exp(s).mean(1), (0, S - len(r))))  # A[j + d, j] at index j
     return cols, torch.stack(band, -1)
 
 
@@ -117,7 +117,7 @@ def _boundaries(q: Tensor, k: Tensor, scale: float, o: dict) -> list[Tensor]:
     max_chunks = o["max_chunks"] or max(1, S // o["chunk_size"])
     out = []
     for b in range(B):
-        c = torch.arange(w - 1, S - w - 1)  # candidates with a full window and rows after c + w
+        c = torch.arange(w - 1, max(w - 1, S - w - 1))  # candidates with a full window and rows after c + w
         if len(c) == 0:
             out.append(torch.tensor([0]))
             continue
@@ -184,57 +184,106 @@ def select(q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = N
 
     lo_c = torch.stack(_pad_starts(starts, Nc, S))  # [B, Nc] chunk starts
     hi_c = torch.cat([lo_c[:, 1:], torch.full((B, 1), S)], 1)  # exclusive ends
-    Bq, Bk = block_sizes()
-    take, cut = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)
-    visited = torch.zeros(B, 1, math.ceil(T / Bq), math.ceil(S / Bk), dtype=torch.bool)
-    full = torch.zeros_like(visited)
-    lo_c, hi_c, p32, order32 = lo_c.int(), hi_c.int(), p.int(), order.int()  # int32 halves the traffic
-    step = Bq * max(1, _ROWS_ELEMS // (Bq * (Nc + 2)))  # rows per pass: bounded memory, block-aligned
-    for b in range(B):
-        for r0 in range(0, T, step):
-            r1 = min(T, r0 + step)
-            rows = slice(r0, r1)
-            ranked = order32[b][q_chunk[b, rows]]
-            tk, cu, lo, hi = _row_intervals(lo_c[b], hi_c[b], ranked, p32[rows], S, o)
-            take[b, rows], cut[b, rows] = tk, cu
-            qb = slice(r0 // Bq, math.ceil(r1 / Bq))
-            visited[b, 0, qb], full[b, 0, qb] = interval_blocks(lo, hi, S, (Bq, Bk))
+    block = block_sizes()
+    filled = [_fill_budgets(lo_c[b], hi_c[b], order[b], rank[b], chunk_of[b], p, S, o, block) for b in range(B)]
+    take, cut, visited, full = (torch.stack(x) for x in zip(*filled))
+    visited, full = visited.unsqueeze(1), full.unsqueeze(1)  # [B, 1, nQB, nKB]: shared by heads
     sel = ChunkSelection(chunk_of, rank, take, cut, None, o["local"], o["sinks"])
 
     def dhsa(bb, h, q_idx, kv_idx):
         return _allowed(sel, bb, q_idx, kv_idx, off)
 
-    return sel._replace(layout=layout_from_blocks(visited, full, T, S, (Bq, Bk), dhsa))
+    return sel._replace(layout=layout_from_blocks(visited, full, T, S, block, dhsa))
 
 
-def _row_intervals(lo_c: Tensor, hi_c: Tensor, order: Tensor, p: Tensor, S: int, o: dict):
-    """Budget filling for a run of query rows, as disjoint key intervals.
+def _fill_budgets(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: tuple[int, int]):
+    """Budget filling for every query row of one batch row, exactly, in O(T + P * Nc) work.
 
-    lo_c, hi_c [Nc]: chunk bounds; order [n, Nc]: key chunks by rank for each row's query chunk;
-    p [n]: key positions of the rows. Returns take, cut [n] and intervals lo, hi [n, Nc + 2]:
-    sinks, the local window, and each ranked chunk's share of the "rest" range [sinks, p - local].
+    lo_c, hi_c [Nc]: chunk bounds; order, rank [Nc, Nc]: key chunks by rank / ranks, per query chunk;
+    chunk_of [S]; p [T]: key positions of the rows. Returns take, cut [T] and the block
+    classification visited, full [nQB, nKB]. Rows go in block-aligned passes: a pass of n rows
+    meets at most n pairs, so it holds O(n * Nc) elements.
     """
-    sinks, local = o["sinks"], o["local"]
-    rest_hi = (p - local + 1).unsqueeze(1)  # exclusive end of the rest range
-    lo = lo_c[order].clamp(min=sinks)  # [n, Nc], rank order
-    hi = torch.minimum(hi_c[order], rest_hi)
-    n_rest = (hi - lo).clamp(min=0)
-    n_local = (p + 1).clamp(min=0, max=local)
+    T, (Bq, Bk), Nc = len(p), block, lo_c.shape[0]
+    take, cut = torch.empty(T, dtype=torch.long), torch.empty(T, dtype=torch.long)
+    visited = torch.zeros(math.ceil(T / Bq), math.ceil(S / Bk), dtype=torch.bool)
+    full = torch.zeros_like(visited)
+    step = Bq * max(1, _ROWS_ELEMS // (Bq * (Nc + 2)))
+    for r0 in range(0, T, step):
+        r = slice(r0, min(T, r0 + step))
+        qb = slice(r0 // Bq, math.ceil(r.stop / Bq))
+        take[r], cut[r], visited[qb], full[qb] = _fill_rows(lo_c, hi_c, order, rank, chunk_of, p[r], S, o, block)
+    return take, cut, visited, full
+
+
+def _fill_rows(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: tuple[int, int]):
+    """_fill_budgets for a run of rows starting at a query-block boundary.
+
+    Row p's rest range [sinks, R), R = p - local + 1, meets exactly the chunks up to e, the chunk
+    holding key R - 1: each whole (clamped at the sinks) but e, which holds s = R - max(lo_e, sinks)
+    keys. So the fill depends on the row only through the pair (query chunk u, e), shared by runs of
+    rows (P <= 2 Nc + 1 pairs in all), and two scalars: s and the room left by the sinks and local
+    window.
+    """
+    sinks, local, budget = o["sinks"], o["local"], o["budget"]
+    Nc = lo_c.shape[0]
+    size = (hi_c - lo_c.clamp(min=sinks)).clamp(min=0)  # [Nc] each chunk's keys in the rest ranges
+    R = p - local + 1  # [T] exclusive end of each row's rest range
+    rest = R > sinks
+    u = chunk_of[p.clamp(min=0)]  # [T] query chunk
+    e = torch.where(rest, chunk_of[(R - 1).clamp(0, S - 1)], -1)  # [T]; -1: no rest range
+    pair_key, pair = torch.unique_consecutive(u * (Nc + 1) + e + 1, return_inverse=True)  # rows come in runs
+    L, n_list, pos_e, csum = _pair_lists(order, size, pair_key // (Nc + 1), pair_key % (Nc + 1) - 1)
+    # A row's running total over its list is csum, less d = size_e - s from e's place on.
+    ec = e.clamp(min=0)
+    d = torch.where(rest, size[ec] - (R - lo_c[ec].clamp(min=sinks)), 0)  # [T]
+    n_local = (p + 1).clamp(0, local)
     n_sink = torch.minimum(p + 1 - n_local, torch.full_like(p, sinks)).clamp(min=0)
-    room = (o["budget"] - n_local - n_sink).clamp(min=0)  # [n]
-    before = torch.cumsum(n_rest, -1, dtype=n_rest.dtype) - n_rest  # tokens taken by better-ranked chunks
-    take = (before + n_rest <= room.unsqueeze(1)).sum(-1)  # chunks ranked < take go whole (a prefix)
-    at = take.clamp(max=order.shape[1] - 1).unsqueeze(1)
-    partial = (room - before.gather(1, at).squeeze(1)).clamp(min=0)
-    cut = torch.where(take < order.shape[1], hi.gather(1, at).squeeze(1) - partial, S)  # most recent tokens
-    r = torch.arange(order.shape[1])
-    lo = torch.where(r == take.unsqueeze(1), torch.maximum(lo, cut.unsqueeze(1)), lo)
-    hi = torch.where(r <= take.unsqueeze(1), hi, lo)  # ranks past take: empty
-    sink_iv = (torch.zeros_like(p), torch.minimum(p + 1, torch.full_like(p, sinks)))
-    local_iv = ((p - local + 1).clamp(min=sinks), p + 1)
-    lo = torch.cat([lo, sink_iv[0].unsqueeze(1), local_iv[0].unsqueeze(1)], 1)
-    hi = torch.cat([hi, sink_iv[1].unsqueeze(1), local_iv[1].unsqueeze(1)], 1)
-    return take, cut, lo, hi
+    room = (budget - n_local - n_sink).clamp(min=0)  # [T]
+    pad = S + budget + 1  # above any total or room: list slots past the end never fit
+    band = torch.arange(len(pair_key)).unsqueeze(1) * (pad + 1)  # one sorted band per pair
+    flat = (torch.where(torch.arange(Nc) < n_list.unsqueeze(1), csum, pad) + band).flatten()
+
+    def fits(v: Tensor) -> Tensor:  # [T] list entries whose running total is <= v
+        return torch.searchsorted(flat, v + band[pair, 0], right=True) - pair * Nc
+
+    t1, pe = fits(room), pos_e[pair]
+    k = torch.where(t1 < pe, t1, fits(room + d))  # chunks taken whole: a prefix of the list
+    over = k < n_list[pair]  # the list's chunk k overflows: its most recent keys fill the rest
+    star = L[pair, k.clamp(max=Nc - 1)]
+    j = (k - 1).clamp(min=0)
+    before = torch.where(k > 0, csum[pair, j] - torch.where(j >= pe, d, 0), 0)
+    cut = torch.where(over, torch.minimum(hi_c[star], R) - (room - before), S)
+    take = torch.where(over, rank[u, star], Nc)
+    visited, full = _classify(lo_c, hi_c, L, pair, k, k + over.long(), cut, p, S, o, block)
+    return take, cut, visited, full
+
+
+def _pair_lists(order: Tensor, size: Tensor, pu: Tensor, pe: Tensor):
+    """Per pair (query chunk pu, last rest chunk pe; -1 = none), [P]: the nonempty chunks <= pe in
+    rank order L [P, Nc] (first n_list [P] slots), e's slot pos_e [P], and the running totals of
+    whole sizes along L, csum [P, Nc]."""
+    ranked = order[pu]  # [P, Nc]
+    keep = (ranked <= pe.unsqueeze(1)) & (size[ranked] > 0)
+    L = ranked.gather(1, torch.argsort((~keep).to(torch.uint8), dim=1, stable=True))  # kept first
+    n_list = keep.sum(1)
+    pos_e = torch.where(pe >= 0, (L == pe.unsqueeze(1)).int().argmax(1), L.shape[1])
+    return L, n_list, pos_e, size[L].cumsum(1)
+
+
+def _classify(lo_c, hi_c, L, pair, k, n_chosen, cut, p, S: int, o: dict, block: tuple[int, int]):
+    """visited, full [ceil(n / Bq), nKB] from each row's intervals: sinks, the local window, its
+    first n_chosen list chunks (the one at slot k from cut on)."""
+    sinks, local = o["sinks"], o["local"]
+    K = int(n_chosen.max()) if len(p) else 0
+    slots = torch.arange(K)
+    pr, R = p.unsqueeze(1), p.unsqueeze(1) - local + 1
+    c = L[pair, :K]  # [n, K]
+    lo = torch.where(slots == k.unsqueeze(1), torch.maximum(lo_c[c], cut.unsqueeze(1)), lo_c[c]).clamp(min=sinks)
+    hi = torch.where(slots < n_chosen.unsqueeze(1), torch.minimum(hi_c[c], R), lo)
+    lo = torch.cat([lo, torch.zeros_like(pr), R.clamp(min=sinks)], 1)  # + sinks, local window
+    hi = torch.cat([hi, (pr + 1).clamp(max=sinks), pr + 1], 1)
+    return interval_blocks(lo.int(), hi.int(), S, block)  # int32: half the traffic, faster division
 
 
 def _pad_starts(starts: list[Tensor], Nc: int, S: int) -> list[Tensor]:
