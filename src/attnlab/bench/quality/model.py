@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from attnlab import registry
 from attnlab.nn import Attention
 
+INIT_STD = 0.02  # Zoology's initializer_range
+
 
 class ShortConv(nn.Module):
     """Causal depthwise conv over time: out[t] = sum_i w[i] * x[t - k + 1 + i] (+ bias)."""
@@ -81,15 +83,14 @@ class RecallModel(nn.Module):
         self.head = nn.Linear(dim, out_features or vocab)
         self._init_weights()
 
-    def _init_weights(self, std: float = 0.02, layers: int = 2) -> None:
-        """Zoology's (GPT-2's) init; ``layers`` counts the residual branches (conv block, mixer)."""
+    def _init_weights(self) -> None:
+        """Zoology's (GPT-2's) init, with two residual branches (conv block, mixer)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
+                nn.init.normal_(m.weight, std=INIT_STD)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-        if layers:
-            nn.init.normal_(self.mixer.o_proj.weight, std=std / math.sqrt(2 * layers))
+        nn.init.normal_(self.mixer.o_proj.weight, std=INIT_STD / math.sqrt(2 * 2))
 
     def hidden(self, inputs: Tensor) -> Tensor:
         x = self.embed(inputs)  # [B, L, d]
