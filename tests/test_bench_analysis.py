@@ -45,7 +45,17 @@ def test_efficiency_lengths_from_rows():
         rows.append(_row("dense", T, dense_ms, 1.0))
     (c,) = analysis.efficiency_lengths(rows)
     assert c.mechanism == "w" and c.time_T == pytest.approx(2000, rel=1e-6) and c.in_range(c.time_T)
-    assert c.memory_T == 0.0  # half of SDPA's memory at every length
+    assert c.memory_T == pytest.approx(0.0, abs=1e-6)  # half of SDPA's memory at every length
+    assert c.exponent == pytest.approx(1.0, abs=1e-9)  # 2e-3 T: linear
+
+
+def test_scaling_exponent_recovers_power_laws():
+    T = [1024.0, 4096.0, 16384.0]
+    assert analysis.scaling_exponent(T, [3e-5 * t**1.5 for t in T]) == pytest.approx(1.5, abs=1e-9)
+    assert analysis.scaling_exponent(T, [1e-7 * t * t for t in T]) == pytest.approx(2.0, abs=1e-9)
+    # a fixed cost on top of a quadratic bends the slope below 2 over short lengths
+    assert 1.0 < analysis.scaling_exponent(T, [1 + 1e-7 * t * t for t in T]) < 1.95
+    assert analysis.scaling_exponent([4096.0], [1.0]) is None
 
 
 def _write(tmp_path, name, rows):

@@ -64,12 +64,17 @@ def _efficiency_lengths(dict_rows: list[dict]) -> None:
     found = analysis.efficiency_lengths(dict_rows)
     if not found:
         return
-    print("efficiency length (CAB): T above which the mechanism beats SDPA (quadratic vs linear fit)")
+    print(
+        "efficiency length (CAB): T above which the mechanism beats SDPA (quadratic vs linear fit);"
+        " time ~ T^k: the log-log slope over the measured lengths"
+    )
     for c in found:
         cells = []
         for what, T in (("time", c.time_T), ("memory", c.memory_T)):
             where = "never in fit" if T is None else f"{T:,.0f}" + ("" if c.in_range(T) else " (extrapolated)")
             cells.append(f"{what} {where}")
+        if c.exponent is not None:
+            cells.append(f"time ~ T^{c.exponent:.2f} ({min(c.lengths):,}-{max(c.lengths):,})")
         print(f"  {c.mechanism:22} {'causal' if c.causal else 'full':6} {c.mode:8} " + " · ".join(cells))
 
 

@@ -6,6 +6,10 @@ mechanism's time as a line (b' T + c'); the crossing is the smallest T > 0 where
 exceeds the line. The same for memory, against SDPA's measured peak. Lengths are reported as
 ``None`` when the curves do not cross (the mechanism never wins, or dense never loses, e.g. SDPA's
 flash kernel keeps memory linear too) and flagged when the crossing lies outside the measured range.
+
+Scaling exponent: the least-squares slope of log(time) against log(T) over the measured lengths, so
+that a claimed cost law can be checked from the same run (dense attention ~2, a window ~1, span
+search's O(L^1.5) ~1.5). Fixed per-call costs pull it below the asymptote at short lengths.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Crossing:
     time_T: float | None  # efficiency length in time
     memory_T: float | None  # in memory
     lengths: tuple[int, ...]  # measured lengths the fit used
+    exponent: float | None = None  # time ~ T^exponent over ``lengths``
 
     def in_range(self, T: float | None) -> bool:
         return T is not None and min(self.lengths) <= T <= max(self.lengths)
@@ -60,6 +65,14 @@ def crossing(T: list[float], dense: list[float], ours: list[float]) -> float | N
     return 0.0 if A * m * m + B * m + C > 0 else None
 
 
+def scaling_exponent(T: list[float], t: list[float]) -> float | None:
+    """Slope of the least-squares line through (log T, log t); None below two lengths."""
+    if len({*T}) < 2 or min(t) <= 0:
+        return None
+    slope, _ = _fit([math.log(x) for x in T], [math.log(y) for y in t], 1)
+    return slope
+
+
 def efficiency_lengths(rows: list[dict]) -> list[Crossing]:
     """One crossing per (mechanism, mask, mode) with at least two timed lengths."""
     groups: dict = {}
@@ -79,7 +92,8 @@ def efficiency_lengths(rows: list[dict]) -> list[Crossing]:
         mem_T = None
         if all(a is not None and b is not None for a, b in mem):
             mem_T = crossing(T, [a for a, _ in mem], [b for _, b in mem])
-        out.append(Crossing(name, causal, mode, crossing(T, dense, ours), mem_T, tuple(int(t) for t in T)))
+        lengths = tuple(int(t) for t in T)
+        out.append(Crossing(name, causal, mode, crossing(T, dense, ours), mem_T, lengths, scaling_exponent(T, ours)))
     return out
 
 
