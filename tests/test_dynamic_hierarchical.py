@@ -72,6 +72,22 @@ def test_boundary_rule_against_the_materialized_map():
     assert len(got) > 1 and got == sorted({0, *(c + 1 for c in keep)})
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize(("H", "Hkv", "S", "w"), [(4, 2, 37, 3), (2, 2, 5, 4), (1, 1, 1, 1)])
+def test_column_mass_and_band_against_the_materialized_map(dtype, tol, H, Hkv, S, w):
+    torch.manual_seed(S)
+    q = torch.randn(2, H, S, 8, dtype=dtype)
+    k = torch.randn(2, Hkv, S, 8, dtype=dtype)
+    cols, band = dhsa._column_mass(q, k, 8**-0.5, w)
+    kk = k.repeat_interleave(H // Hkv, 1)
+    A = attnlab.reference.attention(q.double(), kk.double(), kk.double(), causal=True).weights.mean(1)  # [B, S, S]
+    torch.testing.assert_close(cols.double(), A.sum(1), rtol=tol, atol=tol)
+    for d in range(2 * w):
+        want = torch.zeros(2, S, dtype=torch.float64)
+        want[:, : max(S - d, 0)] = A.diagonal(-d, 1, 2)  # A[j + d, j]
+        torch.testing.assert_close(band[..., d].double(), want, rtol=tol, atol=tol)
+
+
 def test_full_budget_is_dense_and_boundary_chunking_matches_oracle():
     q = torch.randn(1, 4, 60, 8, dtype=torch.float64)
     k, v = torch.randn(2, 1, 2, 60, 8, dtype=torch.float64)

@@ -9,9 +9,9 @@ Chunking (``chunking=``):
     softmax map and window w, candidate c scores (max(P, F) + eps) / (min(P, F) + eps) where
     P = Σ_{r > c+w} Σ_{j ∈ [c-w+1, c]} A[r, j] and F the same over j ∈ [c+1, c+w]; candidates over
     ``threshold`` are kept by score with 1-D NMS (``nms_window``), at most ``max_chunks - 1``, and a
-    boundary falls after each. A is never materialized: column masses come from one fused causal
-    backward pass with an all-ones output gradient (dV = Pᵀ·1), the near-diagonal band directly.
-    This is O(T²) work: the paper trains a small predictor to replace it at inference.
+    boundary falls after each. A is never materialized: column masses come from a second fused
+    causal forward pass over the reversed sequence (``_column_mass``), the near-diagonal band
+    directly. This is O(T²) work: the paper trains a small predictor to replace it at inference.
   * ``"fixed"`` — chunks of ``chunk_size`` keys (the cheap option).
 
 Selection (per query token, chunks shared by all heads): chunk scores
@@ -48,7 +48,6 @@ DEFAULTS = {
 }
 _ROWS_ELEMS = 1 << 22  # (row, chunk) pairs held at once while filling budgets
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 class ChunkSelection(NamedTuple):
@@ -93,12 +92,22 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
 
 def _column_mass(q: Tensor, k: Tensor, scale: float, w: int):
     """Head-averaged causal attention: column sums [B, S] and the band A[j + d, j], d < 2w: [B, S, 2w].
-    Self-attention layout (T == S) in the compute dtype."""
+    Self-attention layout (T == S) in the compute dtype.
+
+    Two fused forward passes and no T x S tensor. The first gives each row's log-normalizer lse_r.
+    Column j's mass, sum_{r >= j} exp(s q_r.k_j - lse_r), is then itself a softmax normalizer: in a
+    causal pass over the reversed sequence where k_j asks and q_r answers, with -lse_r / s riding
+    along as an extra key coordinate against a constant 1 on the query side, the kernel's own
+    log-sum-exp for row j is log(mass_j). (A backward pass with dO = 1 gives the same, dV = P^T 1,
+    at about twice the cost of a forward.)
+    """
     B, H, S, D = q.shape
     kk = repeat_kv(k, H // k.shape[1]).contiguous()
-    out, lse = _flash(q, kk, kk, 0.0, True, scale=scale)
-    _, _, dv = _flash_bwd(torch.ones_like(out), q, kk, kk, out, lse, 0.0, True, scale=scale)
-    cols = dv[..., 0].mean(1)  # dV = P^T 1: every column of dV is the column mass
+    _, lse = _flash(q, kk, kk, 0.0, True, scale=scale)  # [B, H, S]
+    asks = torch.cat([kk, torch.ones_like(kk[..., :1])], -1).flip(2)  # [B, H, S, D + 1], reversed
+    answers = torch.cat([q, (-lse / scale).unsqueeze(-1).to(q.dtype)], -1).flip(2)
+    _, lse_cols = _flash(asks, answers, answers, 0.0, True, scale=scale)
+    cols = lse_cols.flip(2).exp().mean(1)  # [B, S]
     band = []
     for d in range(2 * w):
         r = torch.arange(min(d, S), S)  # none when the band runs past a short sequence
