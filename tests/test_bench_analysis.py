@@ -111,3 +111,13 @@ def test_probes_time_a_call_and_see_its_memory():
         time.sleep(0.01)
         del x
     assert probe.peak is not None and probe.peak >= 32 << 20
+
+
+def test_kernel_ceiling_rows_describe_the_same_work():
+    from attnlab.bench import ceiling
+
+    rows = ceiling.ceiling(T=256, keys=64, heads=2, dim=16, rows=(32, 64), repeats=1)
+    assert [r["rows"] for r in rows] == [32, 64] and [r["tiles"] for r in rows] == [16, 8]
+    for r in rows:  # ideal = SDPA time x (keys per row) / (T / 2), whatever the tile height
+        assert r["ideal_ms"] == pytest.approx(r["sdpa_ms"] * 64 / 128)
+        assert r["of_ideal"] == pytest.approx(r["ideal_ms"] / r["kernel_ms"]) and r["kernel_ms"] > 0
