@@ -15,42 +15,35 @@ would buy. ``python -m attnlab.bench.ceiling [T] [keys]`` prints the table.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from attnlab.bench.measure import time_interleaved
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def _median_ms(repeats: int, fn, *args, **kwargs) -> float:
-    fn(*args, **kwargs)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def ceiling(
     T: int = 16384, keys: int = 1024, heads: int = 8, dim: int = 64, rows=(64, 128, 256), repeats: int = 3
 ) -> list[dict]:
-    """One row per query-tile height: kernel ms, ideal ms and their ratio (fp32, batch 1)."""
+    """One row per query-tile height: kernel ms, ideal ms and their ratio (fp32, batch 1). SDPA and
+    every tiling are timed in alternation, so machine drift hits them alike."""
     q, k, v = (torch.randn(1, heads, T, dim) for _ in range(3))
-    sdpa = _median_ms(repeats, F.scaled_dot_product_attention, q, k, v, is_causal=True)
-    work = heads * T * keys  # every query row sees ``keys`` keys
-    ideal = sdpa * work / (heads * T * T / 2)
-    out = []
+    calls = [partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)]
     for r in rows:
         n = heads * T // r  # tiles of r rows cover the same queries
         qt, kt, vt = torch.randn(1, n, r, dim), torch.randn(1, n, keys, dim), torch.randn(1, n, keys, dim)
-        ms = _median_ms(repeats, _flash, qt, kt, vt, 0.0, False, scale=dim**-0.5)
-        out.append({"rows": r, "tiles": n, "keys": keys, "sdpa_ms": sdpa, "ideal_ms": ideal, "kernel_ms": ms,
-                    "of_ideal": ideal / ms})  # fmt: skip
-    return out
+        calls.append(partial(_flash, qt, kt, vt, 0.0, False, scale=dim**-0.5))
+    sdpa, *tiled = (t.median * 1e3 for t in time_interleaved(calls, min_repeats=repeats, max_repeats=repeats))
+    ideal = sdpa * (heads * T * keys) / (heads * T * T / 2)  # every query row sees ``keys`` keys
+    return [
+        {"rows": r, "tiles": heads * T // r, "keys": keys, "sdpa_ms": sdpa, "ideal_ms": ideal, "kernel_ms": ms,
+         "of_ideal": ideal / ms}
+        for r, ms in zip(rows, tiled)
+    ]  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
