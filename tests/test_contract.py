@@ -30,6 +30,23 @@ def test_fast_path_matches_oracle(name, case, blocks):
     assert not problems, problems
 
 
+# Layouts that differ per batch row or head: at test sizes they run on the executor's gathered path
+# (kernels.gathered), so the planned per-slice path gets the same contract here.
+PER_SLICE = ("block_topk", "dynamic_hierarchical", "strided_shard")
+PER_SLICE_CASES = [(n, c) for n, c in ALL_CASES if n in PER_SLICE and c.impl != "reference"]
+
+
+@pytest.mark.parametrize(("name", "case"), PER_SLICE_CASES, ids=[f"{n}-{c}" for n, c in PER_SLICE_CASES])
+def test_planned_path_matches_oracle_on_per_slice_layouts(name, case, monkeypatch):
+    from attnlab.kernels import gathered
+
+    monkeypatch.setattr(gathered, "_SMALL_SLICE_AREA", -1)
+    q, k, v = case.inputs(seed=zlib.crc32(str(case).encode()) % 1000)
+    with block_size(8, 8):
+        problems = compare_to_reference(name, q, k, v, impl=case.impl, causal=case.causal, **case.options)
+    assert not problems, problems
+
+
 @pytest.mark.parametrize("name", attnlab.mechanisms())
 def test_auto_runs_every_supported_pattern_at_default_blocks(name):
     mech = attnlab.get(name)

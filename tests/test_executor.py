@@ -3,6 +3,8 @@
 import weakref
 
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnlab
 from attnlab.core import merge_lse
@@ -137,3 +139,78 @@ def test_interval_blocks_match_brute_force_tiles():
         want_v, want_f = tile_classes(dense, Bq, Bk)
         assert torch.equal(visited, want_v)
         assert torch.equal(full, want_f)
+
+
+def _random_selection_layout(g, Bl, Hl, T, S, blk):
+    """A per-slice layout as a selection makes one: random visited blocks, some of them full, an
+    irregular per-slice predicate on the partial ones (some rows end up with no key)."""
+    from attnlab.kernels.layout import layout_from_blocks
+
+    nQB, nKB = -(-T // blk[0]), -(-S // blk[1])
+    visited = torch.rand(Bl, Hl, nQB, nKB, generator=g) < 0.5
+    full = visited & (torch.rand(Bl, Hl, nQB, nKB, generator=g) < 0.5)
+
+    def mod(b, h, qi, ki):
+        return (qi * 5 + ki * 3 + b + 2 * h) % 4 != 0
+
+    rows = torch.arange(T) // blk[0]
+    cols = torch.arange(S) // blk[1]
+    lay = layout_from_blocks(visited, full, T, S, blk, mod)
+    tok = visited[:, :, rows][..., cols]  # [Bl, Hl, T, S]
+    qi, ki = torch.arange(T)[:, None], torch.arange(S)[None]
+    pred = torch.stack([torch.stack([mod(b, h, qi, ki) for h in range(Hl)]) for b in range(Bl)])
+    full_tok = full[:, :, rows][..., cols] & ((cols + 1) * blk[1] <= S)  # full blocks are unmasked
+    return lay, tok & (full_tok | pred)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 3),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),
+    T=st.integers(1, 40),
+    S=st.integers(1, 40),
+    blk=st.tuples(st.sampled_from([4, 8, 16]), st.sampled_from([4, 8, 16])),
+    per_batch=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_gathered_and_planned_paths_match_the_oracle_on_selection_layouts(B, heads, T, S, blk, per_batch, seed):
+    """Both executor paths for per-slice layouts, forward and gradients, against the dense oracle."""
+    from attnlab.kernels import gathered
+
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    lay, allowed = _random_selection_layout(g, B if per_batch else 1, Hkv, T, S, blk)
+    allowed = allowed.expand(B, Hkv, T, S).repeat_interleave(H // Hkv, dim=1)  # [B, H, T, S]
+    q = torch.randn(B, H, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, S, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ref = attnlab.reference.attention(q, k, v, allowed)
+    want = torch.autograd.grad(ref.out.sum(), (q, k, v))
+    for area in (-1, 1 << 40):  # planned, then gathered
+        old, gathered._SMALL_SLICE_AREA = gathered._SMALL_SLICE_AREA, area
+        try:
+            out, lse = block_sparse_attention(q, k, v, lay)
+            got = torch.autograd.grad(out.sum(), (q, k, v))
+        finally:
+            gathered._SMALL_SLICE_AREA = old
+        torch.testing.assert_close(out, ref.out)
+        torch.testing.assert_close(lse, ref.lse)
+        assert (out[~allowed.any(-1)] == 0).all()  # a row with no key is 0, not NaN
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_small_selection_layouts_take_the_gathered_path_in_one_batched_call(monkeypatch):
+    """The gathered path launches O(1) kernel calls for a whole batch of per-slice layouts (the
+    planned one launches at least one per slice) and bounds its calls to the chunk budget."""
+    from attnlab.kernels import gathered
+
+    calls = []
+    real = gathered._flash
+    monkeypatch.setattr(gathered, "_flash", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    q, k, v = (torch.randn(32, 1, 64, 16) for _ in range(3))
+    attnlab.attention(q, k, v, "block_topk", causal=True, block_size=8, top_k=3, init_blocks=1, local_blocks=1)
+    assert len(calls) == 1 and calls[0][1] == 32 * 8  # every (batch row, query block) in one call
+    monkeypatch.setattr(gathered, "_CHUNK_ELEMS", 1 << 12)
+    calls.clear()
+    attnlab.attention(q, k, v, "block_topk", causal=True, block_size=8, top_k=3, init_blocks=1, local_blocks=1)
+    assert len(calls) > 1 and all(s[1] * 24 * (16 + 8) <= 1 << 12 for s in calls)

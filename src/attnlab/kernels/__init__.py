@@ -3,7 +3,8 @@
 ``block_sparse_attention(q, k, v, layout)`` computes softmax attention restricted to a
 :class:`BlockLayout`: empty blocks are skipped, full blocks run without a mask, partial blocks use
 the layout's predicate, and partial results merge exactly through their log-sum-exps. On CPU the
-path is ours (``kernels.cpu``); on CUDA the layout's predicate goes to FlexAttention.
+path is ours: ``kernels.cpu`` plans a few large calls per layout slice, and ``kernels.gathered``
+runs small per-slice layouts (selections at training sizes) for the whole batch at once; on CUDA the layout's predicate goes to FlexAttention.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, equal_head_dims, resolve_scale
 from attnlab.kernels.cpu import block_sparse_cpu
+from attnlab.kernels.gathered import gathered_attention, suits
 from attnlab.kernels.layout import BlockLayout, MaskMod, block_size, block_sizes, build_layout
 
 __all__ = ["BlockLayout", "MaskMod", "block_size", "block_sizes", "build_layout", "block_sparse_attention"]
@@ -50,5 +52,7 @@ def block_sparse_attention(
 
         out, lse = flex_attention(q, k, v, layout, scale)
         return AttentionOutput(out, lse)
-    out, lse = block_sparse_cpu(*equal_head_dims(q, k, v), layout, scale)
+    # Small per-slice layouts (selections at training sizes) run batched; the rest is planned.
+    run = gathered_attention if suits(layout, q.shape[1] // k.shape[1]) else block_sparse_cpu
+    out, lse = run(*equal_head_dims(q, k, v), layout, scale)
     return AttentionOutput(out[..., :Dv], lse)

@@ -1,0 +1,169 @@
+"""The executor's batched path for small per-slice layouts (data-dependent block selections).
+
+A selection (block top-k, DHSA) gives every batch row and kv head its own layout, so the planned
+path (``kernels.cpu``) plans and launches kernel calls slice by slice. At training sizes (L of a few
+hundred, batch 64) that per-slice Python dominates: block_topk at L=128 ran 40x slower than dense.
+Here the whole batch goes in a handful of calls instead: every (slice, query block) gathers the key
+blocks it visits, padded to the layout's width V, and the padded slots and partial blocks are masked:
+
+    q  [R, G*Bq, D]        R = B * Hkv * nQB query blocks, each with its G heads' rows folded
+    kv [R, V*Bk, D]        one index_select over whole blocks
+    mask [R, G*Bq, V*Bk]   -inf on padding and on the disallowed keys of partial blocks
+
+Each call sees a query block's whole key set, so its output and log-sum-exp are final (no merges),
+and the kernel's own backward gives exact gradients; dK/dV scatter back with ``index_add_``. Work
+and memory are O(R * V * Bk), the visited area plus padding, never T x S; calls are chunked over R.
+``suits`` keeps the planned path for large per-slice work, where it launches few calls per slice and
+runs full blocks without a mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.kernels.cpu import _from_blocks, _pad_keys, _to_blocks
+from attnlab.kernels.layout import BlockLayout
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_CHUNK_ELEMS = 1 << 22  # bound on gathered-K plus mask elements per kernel call
+# Per-slice score area (query rows x visited keys) below which the planned path's per-slice
+# overhead outweighs the padding and masks here (measured: test_executor's crossover note).
+_SMALL_SLICE_AREA = 1 << 20
+
+
+def suits(layout: BlockLayout, heads_per_kv: int) -> bool:
+    """Whether this path beats the planned one: several slices, each with little work."""
+    Bl, Hl, nQB, V = layout.kv_blocks.shape
+    if Bl * Hl == 1 or V == 0:
+        return False
+    return nQB * heads_per_kv * layout.block_q * V * layout.block_k <= _SMALL_SLICE_AREA
+
+
+class _Gather:
+    """Per-call indices and masks, shared by forward and backward."""
+
+    def __init__(self, q: Tensor, k: Tensor, layout: BlockLayout, scale: float):
+        B, H, T, _ = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        self.layout, self.scale, self.T, self.S = layout, scale, T, S
+        self.Bq, self.Bk, self.G, self.H, self.Hkv = layout.block_q, layout.block_k, H // Hkv, H, Hkv
+        self.nQB, self.nKB = layout.n_q_blocks, layout.n_k_blocks
+        kvb = layout.kv_blocks.expand(B, Hkv, -1, -1)  # [B, Hkv, nQB, V]
+        self.V = kvb.shape[-1]
+        slice_id = torch.arange(B * Hkv).view(B, Hkv, 1, 1)
+        self.rows_idx = (slice_id * self.nKB + kvb.clamp(min=0)).reshape(-1, self.V)  # [R, V] block rows
+        self.allowed = self._allowed(B, Hkv)
+        self.has_key = None if self.allowed is None else self.allowed.any(-1)  # [R, G*Bq]
+        per = self.V * self.Bk * (q.shape[-1] + self.G * self.Bq)  # gathered K + mask elements per item
+        self.chunk = max(1, _CHUNK_ELEMS // per)
+
+    def _allowed(self, B: int, Hkv: int) -> Tensor | None:
+        """Allowed keys, bool [R, G*Bq, V*Bk] (None when every slot is a full block): padding slots
+        are False, full blocks True, partial ones ask ``mask_mod``. Kept as bool (1 byte per
+        element); each chunk turns its slice into an additive mask."""
+        lay, rows = self.layout, self.G * self.Bq
+        Bl, Hl, nQB, V = lay.kv_blocks.shape
+        valid, part = lay.kv_blocks >= 0, lay.partial  # [Bl, Hl, nQB, V]
+        if bool((valid & ~part).all()):
+            return None
+        ok = valid.view(Bl, Hl, nQB, 1, V, 1).expand(Bl, Hl, nQB, rows, V, self.Bk).clone()
+        b, h, n, j = part.nonzero(as_tuple=True)  # every partial (slice, query block, slot), [P]
+        if len(n):
+            q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
+            q_idx = (n.unsqueeze(1) * self.Bq + q_pos).clamp(max=self.T - 1).unsqueeze(2)  # [P, rows, 1]
+            kv_idx = lay.kv_blocks[b, h, n, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk)  # [P, Bk]
+            # One vmapped call over all slices: mask_mods see 0-d b and h, as the contract (and Flex) has it.
+            allowed = torch.vmap(lay.mask_mod)(b, h, q_idx, kv_idx.clamp(max=self.S - 1).unsqueeze(1))
+            ok[b, h, n, :, j] = allowed & (kv_idx < self.S).unsqueeze(1)
+        return ok.expand(B, Hkv, nQB, rows, V, self.Bk).reshape(-1, rows, V * self.Bk)
+
+    def keys(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """Visited blocks of items lo:hi from padded x [B, Hkv, nKB*Bk, D]: [1, hi-lo, V*Bk, D]."""
+        D = x.shape[-1]
+        flat = x.reshape(-1, self.Bk * D)  # [B*Hkv*nKB, Bk*D] whole blocks as rows
+        return flat.index_select(0, self.rows_idx[lo:hi].flatten()).view(1, hi - lo, self.V * self.Bk, D)
+
+    def mask_of(self, lo: int, hi: int, dtype: torch.dtype) -> Tensor | None:
+        """Additive mask [1, hi-lo, G*Bq, V*Bk] of items lo:hi, or None."""
+        if self.allowed is None:
+            return None
+        return torch.zeros((), dtype=dtype).masked_fill(~self.allowed[lo:hi], float("-inf")).unsqueeze(0)
+
+    def chunks(self):
+        R = self.rows_idx.shape[0]
+        return ((lo, min(R, lo + self.chunk)) for lo in range(0, R, self.chunk))
+
+
+def _blocks(x: Tensor, c: _Gather) -> Tensor:
+    """[B, H, T, E] -> [R, G*Bq, E] (padded to whole query blocks)."""
+    return _to_blocks(x, c.Hkv, c.Bq, c.nQB).flatten(0, 2)
+
+
+def _unblocks(x: Tensor, c: _Gather, B: int) -> Tensor:
+    """Inverse of ``_blocks``: [R, G*Bq, *E] -> [B, H, T, *E]."""
+    return _from_blocks(x.unflatten(0, (B, c.Hkv, c.nQB)), c.H, c.T)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Gather) -> tuple[Tensor, Tensor]:
+    qb, kp, vp = _blocks(q, c), _pad_keys(k, c.nKB * c.Bk), _pad_keys(v, c.nKB * c.Bk)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_empty(qb.shape)
+    lse = torch.empty(qb.shape[:2], dtype=lse_dtype)
+    for lo, hi in c.chunks():
+        mask = c.mask_of(lo, hi, q.dtype)
+        o, l_ = _flash(qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi), 0.0, False, attn_mask=mask,
+                       scale=c.scale)  # fmt: skip
+        out[lo:hi], lse[lo:hi] = o[0], l_[0]
+    if c.has_key is not None and not bool(c.has_key.all()):  # no key: out 0, lse -inf (the kernel says 0)
+        out.masked_fill_(~c.has_key.unsqueeze(-1), 0)
+        lse.masked_fill_(~c.has_key, float("-inf"))
+    B = q.shape[0]
+    return _unblocks(out, c, B), _unblocks(lse.unsqueeze(-1), c, B).squeeze(-1)
+
+
+def _backward(dout, q, k, v, out, lse, c: _Gather):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qb, ob, dob = _blocks(q, c), _blocks(out, c), _blocks(dout.to(q.dtype), c)
+    # Rows with no key: +inf makes every probability exp(s - inf) = 0, so their gradients are 0.
+    lb = _blocks(lse.masked_fill(torch.isneginf(lse), float("inf")).unsqueeze(-1), c).squeeze(-1).to(acc)
+    kp, vp = _pad_keys(k, c.nKB * c.Bk), _pad_keys(v, c.nKB * c.Bk)
+    D = kp.shape[-1]
+    dq = torch.empty(qb.shape, dtype=q.dtype)
+    dk = torch.zeros(kp.numel() // (c.Bk * D), c.Bk * D, dtype=acc)  # whole blocks as rows
+    dv = torch.zeros_like(dk)
+    for lo, hi in c.chunks():
+        mask = c.mask_of(lo, hi, q.dtype)
+        gq, gk, gv = _flash_bwd(
+            dob[lo:hi].unsqueeze(0), qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi),
+            ob[lo:hi].unsqueeze(0), lb[lo:hi].unsqueeze(0), 0.0, False, attn_mask=mask, scale=c.scale,
+        )  # fmt: skip
+        dq[lo:hi] = gq[0]
+        idx = c.rows_idx[lo:hi].flatten()
+        dk.index_add_(0, idx, gk.reshape(-1, c.Bk * D).to(acc))
+        dv.index_add_(0, idx, gv.reshape(-1, c.Bk * D).to(acc))
+    B = q.shape[0]
+    dk, dv = (x.view(kp.shape)[:, :, : c.S].to(k.dtype) for x in (dk, dv))
+    return _unblocks(dq, c, B), dk, dv
+
+
+class _GatheredCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        c = _Gather(q, k, layout, scale)
+        out, lse = _forward(q, k, v, c)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.c = c
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        dq, dk, dv = _backward(dout, *ctx.saved_tensors, ctx.c)
+        return dq, dk, dv, None, None
+
+
+def gathered_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float) -> tuple[Tensor, Tensor]:
+    """q [B,H,T,D], k/v [B,Hkv,S,D] (equal head dims) -> out [B,H,T,D], lse [B,H,T]."""
+    return _GatheredCPU.apply(q, k, v, layout, scale)
