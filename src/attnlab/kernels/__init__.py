@@ -4,7 +4,8 @@
 :class:`BlockLayout`: empty blocks are skipped, full blocks run without a mask, partial blocks use
 the layout's predicate, and partial results merge exactly through their log-sum-exps. On CPU the
 path is ours: ``kernels.cpu`` plans a few large calls per layout slice, and ``kernels.gathered``
-runs small per-slice layouts (selections at training sizes) for the whole batch at once; on CUDA the layout's predicate goes to FlexAttention.
+runs small per-slice layouts (selections at training sizes) for the whole batch at once; on CUDA
+the layout's predicate goes to FlexAttention.
 """
 
 from __future__ import annotations
