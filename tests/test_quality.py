@@ -7,7 +7,7 @@ import torch
 
 import attnlab
 from attnlab import cli
-from attnlab.bench.quality import metrics, report, tasks
+from attnlab.bench.quality import metrics, policies, report, tasks
 from attnlab.bench.quality.model import RecallModel, param_count, state_bytes, static_mask
 from attnlab.bench.quality.train import Schedule, fit
 
@@ -147,12 +147,12 @@ def test_model_head_runs_on_scored_positions_only():
     x = torch.randint(0, 100, (3, 20))
     scored = torch.zeros(3, 20, dtype=torch.bool)
     scored[0, 5] = scored[2, 7] = scored[2, 19] = True
-    out = model(x, scored)
-    assert out.shape == (3, 100) and seen == [torch.Size([3, 16])]
-    assert torch.allclose(out, model.head(model.hidden(x)[scored]))
-    assert model.mixer.causal is True and param_count(model) == sum(p.numel() for p in model.parameters())
+    out, aux = model(x, scored)
+    assert out.shape == (3, 100) and seen == [torch.Size([3, 16])] and aux == 0
+    assert torch.allclose(out, model.head(model.hidden(x)[0][scored]))
+    assert model.mixers[0].causal is True and param_count(model) == sum(p.numel() for p in model.parameters())
     reg = RecallModel(None, "dense", dim=16, in_features=5, out_features=1)
-    assert reg(torch.randn(2, 6, 5), torch.ones(2, 6, dtype=torch.bool)).shape == (12, 1)
+    assert reg(torch.randn(2, 6, 5), torch.ones(2, 6, dtype=torch.bool)).logits.shape == (12, 1)
 
 
 def test_state_bytes_follow_the_mask():
@@ -202,6 +202,7 @@ def test_cli_quality_smoke(tmp_path, capsys):
         (["--mechanisms"], "expected at least one argument"),
         (["--tasks"], "expected at least one argument"),
         (["--tasks", "T9"], "invalid choice: 'T9'"),
+        (["--policies", "nope"], "invalid choice: 'nope'"),
     ],
 )
 def test_cli_bad_input_is_one_line(argv, needle, capsys):
@@ -217,3 +218,65 @@ def test_cli_unwritable_out(tmp_path, capsys):
     assert cli.main(["bench", "--suite", "quality", "--smoke", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("attnlab bench: error: cannot write results to --out") and err.count("\n") == 1
+
+
+def test_cli_policies_need_the_quality_suite(capsys):
+    assert cli.main(["bench", "--suite", "efficiency", "--policies", "sala"]) == 2
+    err = capsys.readouterr().err
+    assert "--policies applies to the quality suite" in err and err.count("\n") == 1
+
+
+def test_policy_models_follow_their_policy():
+    from attnlab.nn.router import RoutedAttention
+
+    L = 32
+    for name, build in policies.POLICIES.items():
+        policy = build(L)
+        model = RecallModel(16, policy, dim=16)
+        assert len(model.mixers) == len(policy) == policies.DEPTH
+        for layer, mixer in zip(policy.layers, model.mixers):
+            assert isinstance(mixer, RoutedAttention) == (layer.route is not None)
+            inner = mixer.attn if layer.route is not None else mixer
+            assert inner.mechanism == layer.mechanism and inner.rope is None  # no positions, as the suite
+        x = torch.randint(0, 16, (3, L))
+        out, aux = model(x, torch.ones(3, L, dtype=torch.bool))
+        assert out.shape == (3 * L, 16) and torch.isfinite(out).all()
+        assert (aux > 0) == (name == "flux"), name  # routers start dense: |1 - z - 0.5| = 0.5
+        (out.sum() + aux).backward()
+    described = policies.describe(policies.policy_at("sala", 128))
+    assert described == "lightning,lightning,lightning,block_topk"
+    assert policies.describe(policies.policy_at("hylra", 128)) == "block_topk,block_topk<-0,block_topk<-0,block_topk<-0"
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        policies.policy_at("nope", 128)
+
+
+def test_hylra_policy_model_selects_once_per_forward(monkeypatch):
+    from attnlab.mechanisms import block_topk
+
+    calls = []
+    real = block_topk.select
+    monkeypatch.setattr(block_topk, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = RecallModel(16, policies.policy_at("hylra", 32), dim=16)
+    model(torch.randint(0, 16, (2, 32)), torch.ones(2, 32, dtype=torch.bool))
+    assert len(calls) == 1  # layer 0 selects, layers 1-3 reuse its selection
+
+
+def test_policy_selection_by_preset():
+    assert policies.select(None, "quick", False) == []
+    assert policies.select(None, "full", False) == list(policies.POLICIES)
+    assert policies.select(None, "full", True) == []  # mechanisms picked by hand: only those
+    assert policies.select(["flux", "flux"], "quick", True) == ["flux"]
+
+
+def test_cli_quality_smoke_with_policies(tmp_path):
+    args = ["bench", "--suite", "quality", "--smoke", "--threads", "1", "--tasks", "T1", "--out", str(tmp_path)]
+    assert cli.main([*args, "--policies", "sala", "lightning-x4"]) == 0
+    (run,) = tmp_path.iterdir()
+    doc = json.loads((run / "quality.json").read_text())
+    assert doc["policies"] == ["sala", "lightning-x4"] and doc["mechanisms"] == []
+    rows = {r["mechanism"]: r for r in doc["rows"]}
+    linear_state = 64 * 65 * 4  # one head of d=64: phi(k)^T v and z
+    assert rows["lightning-x4"]["state_bytes"] == 4 * linear_state
+    assert rows["sala"]["state_bytes"] == 3 * linear_state + 2 * 128 * 64 * 4  # + block_topk's full cache
+    assert [x["mechanism"] for x in rows["sala"]["policy"]["layers"]] == ["lightning"] * 3 + ["block_topk"]
+    assert rows["sala"]["cap"] is None and rows["sala"]["label"].startswith("sala[")

@@ -12,6 +12,7 @@ import torch
 
 from attnlab import registry
 from attnlab.bench.patterns import PATTERNS
+from attnlab.bench.quality.policies import POLICIES
 
 
 def cmd_list(args) -> int:
@@ -84,6 +85,8 @@ def _bench_input_problem(args) -> str | None:
         return f"--lengths must be positive, got {args.lengths}"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda was asked for, but this torch build sees no CUDA device"
+    if args.policies is not None and args.suite != "quality":
+        return "--policies applies to the quality suite (--suite quality)"
     return _writable(args.out)
 
 
@@ -129,26 +132,30 @@ def _writable(out: str) -> str | None:
 
 def cmd_quality(args) -> int:
     from attnlab.bench import report
-    from attnlab.bench.quality import mechanisms, suite
+    from attnlab.bench.quality import mechanisms, policies, suite
     from attnlab.bench.quality import report as qreport
 
-    names, notes = mechanisms.select(args.mechanisms, args.preset)
+    only_policies = args.policies is not None and not args.mechanisms
+    names, notes = ([], []) if only_policies else mechanisms.select(args.mechanisms, args.preset)
+    pols = policies.select(args.policies, args.preset, bool(args.mechanisms))
     device = _device(args)
     info = report.banner(device)
     print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
     tasks = args.tasks or list(suite.PRESETS[args.preset].tasks)
+    run_kw = {"smoke": args.smoke, "device": device, "policies": pols}
     t0 = time.perf_counter()
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, transient=True) as progress:
-            rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, progress=progress, device=device)
+            rows, more = suite.run(names, args.preset, tasks, progress=progress, **run_kw)
     except ImportError:
-        rows, more = suite.run(names, args.preset, tasks, smoke=args.smoke, device=device)
+        rows, more = suite.run(names, args.preset, tasks, **run_kw)
     notes += more
     wall = time.perf_counter() - t0
-    meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "wall_s": wall}
+    meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "policies": pols}
+    meta["wall_s"] = wall
     out = qreport.write(rows, notes, info, meta, args.out)
     qreport.table(rows, notes, info)
     print(qreport.plot(rows, out))
@@ -244,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="ratios between two result folders; runs nothing")
     b.add_argument("--tasks", nargs="+", choices=["T1", "T2", "T3", "T4", "T5", "T6", "ICL"], help="quality suite")
     b.add_argument("--smoke", action="store_true", help="quality suite: tiny data, one epoch (tests)")
+    b.add_argument(
+        "--policies", nargs="+", choices=list(POLICIES), help="quality suite: layer policies (default: all in full)"
+    )
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     if args.cmd == "check":

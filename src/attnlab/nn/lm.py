@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnlab import registry, reuse
+from attnlab import registry
+from attnlab import reuse as reuse_mod
 from attnlab.nn.attention import Attention
 from attnlab.nn.router import RoutedAttention, sparsity_loss
-from attnlab.policy import Policy
+from attnlab.policy import Layer, Policy
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,33 @@ class LMOutput(NamedTuple):
     aux_loss: Tensor  # router sparsity loss (0 when no layer routes); add it to the LM loss
 
 
+def layer_attention(dim: int, heads: int, kv_heads: int | None, layer: Layer, *, rope: bool) -> nn.Module:
+    """The attention module of one policy layer: an ``Attention`` with the layer's mechanism and
+    options, wrapped in a ``RoutedAttention`` when the layer routes (Flux)."""
+    attn = Attention(dim, heads, kv_heads, layer.mechanism, rope=rope, causal=True, **layer.options)
+    return attn if layer.route is None else RoutedAttention(attn, **_route(layer.route))
+
+
+def attend(attn: nn.Module, h: Tensor, selections: dict, index: int, reuse: int | None) -> tuple[Tensor, Tensor | None]:
+    """Run layer ``index``'s attention on h [B, T, dim]: (output, the router's z [B] or None).
+    block_topk layers record their selection in ``selections``, or reuse layer ``reuse``'s (HyLRA)."""
+    if isinstance(attn, RoutedAttention):
+        return attn(h)
+    if attn.mechanism != "block_topk":
+        return attn(h), None
+    q, k, v = attn.project(h)
+    opts = {key: val for key, val in attn.options.items() if key != "selection"}
+    sel = reuse_mod.shared_selection(selections, index, reuse, q, k, causal=True, scale=attn.scale, **opts)
+    out = registry.attention(q, k, v, "block_topk", causal=True, scale=attn.scale, selection=sel, **opts)
+    return attn.merge_heads(out), None
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig, layer, index: int):
+    def __init__(self, cfg: LMConfig, layer: Layer, index: int):
         super().__init__()
         linear = registry.get(layer.mechanism).family == "linear"
         rope = cfg.positions == "rope" or (cfg.positions == "hype" and linear)
-        attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads, layer.mechanism, rope=rope, causal=True, **layer.options)
-        self.attn = attn if layer.route is None else RoutedAttention(attn, **_route(layer.route))
+        self.attn = layer_attention(cfg.dim, cfg.heads, cfg.kv_heads, layer, rope=rope)
         self.reuse, self.index = layer.reuse, index
         self.norm1, self.norm2 = nn.RMSNorm(cfg.dim), nn.RMSNorm(cfg.dim)
         hidden = cfg.mlp_ratio * cfg.dim
@@ -59,25 +80,9 @@ class Block(nn.Module):
         )
 
     def forward(self, x: Tensor, selections: dict) -> tuple[Tensor, Tensor | None]:
-        h, z = self.norm1(x), None
-        if isinstance(self.attn, RoutedAttention):
-            h, z = self.attn(h)
-        elif self.attn.mechanism == "block_topk":
-            h = self._block_topk(h, selections)
-        else:
-            h = self.attn(h)
+        h, z = attend(self.attn, self.norm1(x), selections, self.index, self.reuse)
         x = x + h
         return x + self.mlp(self.norm2(x)), z
-
-    def _block_topk(self, h: Tensor, selections: dict) -> Tensor:
-        """HyLRA: compute and record this layer's selection, or reuse its source's."""
-        a = self.attn
-        q, k, v = a.project(h)
-        opts = {key: val for key, val in a.options.items() if key != "selection"}
-        sel = reuse.shared_selection(selections, self.index, self.reuse, q, k, causal=True, scale=a.scale, **opts)
-        return a.merge_heads(
-            registry.attention(q, k, v, "block_topk", causal=True, scale=a.scale, selection=sel, **opts)
-        )
 
 
 def _route(route: dict) -> dict:

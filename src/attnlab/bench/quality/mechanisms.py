@@ -63,7 +63,7 @@ def _runs(name: str, seq_len: int, opts: dict, dim: int) -> str | None:
     try:
         model = RecallModel(16, name, opts, dim=dim, heads=HEADS.get(name, 1))
         x = torch.randint(0, 16, (1, seq_len))
-        model(x, torch.ones(1, seq_len, dtype=torch.bool)).sum().backward()
+        model(x, torch.ones(1, seq_len, dtype=torch.bool)).logits.sum().backward()
         return None
     except (ValueError, RuntimeError, TypeError, NotImplementedError) as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"

@@ -38,12 +38,17 @@ The conv's own state (2 * d floats) is the same for every mechanism and left out
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnlab import registry
 from attnlab.nn import Attention
+from attnlab.nn.lm import attend, layer_attention
+from attnlab.nn.router import sparsity_loss
+from attnlab.policy import Policy
 
 EMBED_STD = 0.02  # GPT-2's / Zoology's initializer_range, for the token embedding only
 
@@ -61,19 +66,26 @@ class ShortConv(nn.Module):
         return self.conv(x).transpose(1, 2)
 
 
-class RecallModel(nn.Module):
-    """``RecallModel(vocab, mechanism, options, dim=64, heads=1, in_features=None, out_features=None)``.
+class RecallOutput(NamedTuple):
+    logits: Tensor  # [M, out]: the head at the scored positions, row-major
+    aux_loss: Tensor  # Flux routers' sparsity loss (0 without routed layers); add it to the task loss
 
-    ``forward(inputs, scored) -> [M, out]`` with M = scored.sum(): the head's output at the scored
-    positions, in row-major order. Token inputs (long [B, L]) need ``vocab``; real-valued inputs
-    (float [B, L, in_features]) use a linear embedding, and ``out_features`` sets the head's width
-    (default: vocab).
+
+class RecallModel(nn.Module):
+    """``RecallModel(vocab, mixer, options, dim=64, heads=1, in_features=None, out_features=None)``.
+
+    ``mixer`` is a mechanism name (one mixer layer with ``options``) or a ``Policy``: one pre-norm
+    residual mixer layer per policy layer, after the conv, as ``attnlab.nn.TransformerLM`` builds
+    them (Flux routing, HyLRA selection reuse) but with no MLP and no positions.
+    ``forward(inputs, scored) -> RecallOutput`` with M = scored.sum() rows. Token inputs (long
+    [B, L]) need ``vocab``; real-valued inputs (float [B, L, in_features]) use a linear embedding,
+    and ``out_features`` sets the head's width (default: vocab).
     """
 
     def __init__(
         self,
         vocab: int | None,
-        mechanism: str,
+        mixer: str | Policy,
         options: dict | None = None,
         *,
         dim: int = 64,
@@ -81,25 +93,40 @@ class RecallModel(nn.Module):
         in_features: int | None = None,
         out_features: int | None = None,
         conv_kernel: int = 3,
+        sparsity_target: float = 0.5,
     ):
         super().__init__()
         self.embed = nn.Linear(in_features, dim) if in_features else nn.Embedding(vocab, dim)
         self.conv_norm, self.conv = nn.LayerNorm(dim), ShortConv(dim, conv_kernel)
-        self.mix_norm = nn.LayerNorm(dim)
-        self.mixer = Attention(dim, heads, mechanism=mechanism, causal=True, **(options or {}))
+        if isinstance(mixer, Policy):
+            mixers = [layer_attention(dim, heads, None, layer, rope=False) for layer in mixer.layers]
+            self.reuse = [layer.reuse for layer in mixer.layers]
+        else:  # options as given (tuples, tensors): no policy round trip through JSON values
+            mixers, self.reuse = [Attention(dim, heads, mechanism=mixer, causal=True, **(options or {}))], [None]
+        self.mix_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in mixers)
+        self.mixers = nn.ModuleList(mixers)
+        self.sparsity_target = sparsity_target
         self.out_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_features or vocab)
         if isinstance(self.embed, nn.Embedding):  # a real-valued input's linear map keeps the default
             nn.init.normal_(self.embed.weight, std=EMBED_STD)
 
-    def hidden(self, inputs: Tensor) -> Tensor:
+    def hidden(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(LN(x) [B, L, d] before the head, the auxiliary loss)."""
         x = self.embed(inputs)  # [B, L, d]
         x = x + self.conv(self.conv_norm(x))
-        x = x + self.mixer(self.mix_norm(x))
-        return self.out_norm(x)
+        selections, zs = {}, []
+        for i, (norm, mixer) in enumerate(zip(self.mix_norms, self.mixers)):
+            h, z = attend(mixer, norm(x), selections, i, self.reuse[i])
+            x = x + h
+            if z is not None:
+                zs.append(z)
+        aux = sparsity_loss(zs, self.sparsity_target) if zs else x.new_zeros(())
+        return self.out_norm(x), aux
 
-    def forward(self, inputs: Tensor, scored: Tensor) -> Tensor:
-        return self.head(self.hidden(inputs)[scored])  # [M, d] -> [M, out]
+    def forward(self, inputs: Tensor, scored: Tensor) -> RecallOutput:
+        h, aux = self.hidden(inputs)
+        return RecallOutput(self.head(h[scored]), aux)  # [M, d] -> [M, out]
 
 
 def param_count(model: nn.Module) -> int:
@@ -140,7 +167,8 @@ def predict(model: RecallModel, inputs: Tensor, scored: Tensor, batch: int = 256
     model.eval()
     dev = next(model.parameters()).device
     outs = [
-        model(inputs[i : i + batch].to(dev), scored[i : i + batch].to(dev)).cpu() for i in range(0, len(inputs), batch)
+        model(inputs[i : i + batch].to(dev), scored[i : i + batch].to(dev)).logits.cpu()
+        for i in range(0, len(inputs), batch)
     ]
     model.train()
     return torch.cat(outs)

@@ -62,6 +62,7 @@ def table(rows: list[dict], notes: list[str], info: dict) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         print(title)
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(COLUMNS)]
@@ -72,8 +73,8 @@ def table(rows: list[dict], notes: list[str], info: dict) -> None:
     t = Table(title=title, header_style="bold")
     for h in COLUMNS:
         t.add_column(h, justify="right" if h in ("d", "score", "cap", "params", "state", "lr") else "left")
-    for c, r in zip(cells, rows):
-        t.add_row(*c, style="bold red" if r["leak"] else None)
+    for c, r in zip(cells, rows):  # labels hold brackets (policies' layers): text, not markup
+        t.add_row(*(Text(x) for x in c), style="bold red" if r["leak"] else None)
     console = Console(width=None if Console().is_terminal else 220)
     console.print(t)
     for line in lines:

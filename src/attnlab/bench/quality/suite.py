@@ -15,8 +15,10 @@ import torch
 
 from attnlab.bench.quality import mechanisms as mechs
 from attnlab.bench.quality import metrics, tasks
+from attnlab.bench.quality import policies as pol
 from attnlab.bench.quality.model import RecallModel, is_linear_family, param_count, state_bytes, static_mask
 from attnlab.bench.quality.train import Schedule, fit
+from attnlab.policy import Policy
 
 TASKS = {
     "T1": "MQAR",
@@ -106,25 +108,47 @@ def vocab_of(point: Point) -> int | None:
     return {"mqar": s.get("vocab"), "passkey": 256, "selective_copy": s.get("vocab"), "regression": None}[point.kind]
 
 
-def build(point: Point, name: str, opts: dict, dim: int) -> RecallModel:
-    heads = mechs.HEADS.get(name, 1)
-    if point.kind == "regression":
-        dx = dict(point.settings)["dim"]
-        return RecallModel(None, name, opts, dim=dim, heads=heads, in_features=dx + 2, out_features=1)
-    return RecallModel(vocab_of(point), name, opts, dim=dim, heads=heads)
-
-
 @dataclass
 class Job:
     point: Point
-    name: str
+    name: str  # a mechanism, or a policy of quality.policies
     opts: dict
     dim: int
     label: str
+    policy: Policy | None = None
+
+    @property
+    def heads(self) -> int:
+        return 1 if self.policy else mechs.HEADS.get(self.name, 1)
+
+    def mask(self) -> torch.Tensor | None:
+        """The static mask a single softmax mixer answers within (None: no reach cap)."""
+        return None if self.policy else static_mask(self.name, self.point.seq_len, self.opts)
+
+    def mixers(self) -> list[tuple[str, dict]]:
+        """(mechanism, options) of each mixer layer. A Flux layer counts as its full mechanism:
+        either branch may run, so the full cache is kept."""
+        if self.policy:
+            return [(layer.mechanism, layer.options) for layer in self.policy.layers]
+        return [(self.name, self.opts)]
+
+    def state_bytes(self) -> int:
+        """The mixers' decoding state, summed over layers (Zoology's rule for deeper models)."""
+        L, d, h = self.point.seq_len, self.dim, self.heads
+        return sum(state_bytes(name, L, d, h, opts) for name, opts in self.mixers())
+
+    def model(self) -> RecallModel:
+        mixer, point, size = self.policy or self.name, self.point, {"dim": self.dim, "heads": self.heads}
+        if point.kind == "regression":
+            dx = dict(point.settings)["dim"]
+            return RecallModel(None, mixer, self.opts, **size, in_features=dx + 2, out_features=1)
+        return RecallModel(vocab_of(point), mixer, self.opts, **size)
 
 
-def plan(names: list[str], preset: str, task_ids: list[str], smoke: bool = False) -> tuple[list[Job], list[str]]:
-    """Every (point, mechanism, dim) to train, and notes for what is skipped and why."""
+def plan(
+    names: list[str], preset: str, task_ids: list[str], smoke: bool = False, policies: list[str] = ()
+) -> tuple[list[Job], list[str]]:
+    """Every (point, mechanism or policy, dim) to train, and notes for what is skipped and why."""
     cfg = PRESETS[preset]
     jobs, notes = [], []
     for point in points(preset, task_ids, smoke):
@@ -138,6 +162,11 @@ def plan(names: list[str], preset: str, task_ids: list[str], smoke: bool = False
                     continue
                 shown = ", ".join(f"{k}={v}" for k, v in opts.items() if not isinstance(v, torch.Tensor))
                 jobs.append(Job(point, name, opts, dim, f"{name}({shown})" if shown else name))
+        if point.reach is not None:
+            continue  # policies have no reach option
+        for name in policies:
+            policy = pol.policy_at(name, point.seq_len)
+            jobs += [Job(point, name, {}, dim, f"{name}[{pol.describe(policy)}]", policy) for dim in cfg.dims]
     if preset == "quick":
         jobs, notes = _quick_ladder(jobs, notes)
     return jobs, list(dict.fromkeys(notes))
@@ -151,7 +180,7 @@ def _quick_ladder(jobs: list[Job], notes: list[str]) -> tuple[list[Job], list[st
     for j in jobs:
         if j.point.task == "T2" and _reach_cap(j) not in (None, 1.0):
             left[j.label] = "reach-bound: see T3"
-        elif j.point.task == "T2" and not is_linear_family(j.name) and j.point.difficulty in ("N=4", "N=16"):
+        elif j.point.task == "T2" and not _fixed_state(j) and j.point.difficulty in ("N=4", "N=16"):
             left[j.label] = "quick preset runs N=8 and N=32 only for full-context mechanisms"
         else:
             keep.append(j)
@@ -170,8 +199,13 @@ def data(point: Point, seed: int) -> tuple[tasks.TaskData, tasks.TaskData]:
     return _DATA[(point.data_key, ("train", seed))], _DATA[(point.data_key, ("test",))]
 
 
+def _fixed_state(job: Job) -> bool:
+    """Whether every mixer keeps a fixed-size state (the capacity ladder's subject)."""
+    return all(is_linear_family(name) for name, _ in job.mixers())
+
+
 def _reach_cap(job: Job) -> float | None:
-    mask = static_mask(job.name, job.point.seq_len, job.opts)
+    mask = job.mask()
     if mask is None or job.point.kind == "regression":
         return None
     _, test = data(job.point, 0)
@@ -189,7 +223,7 @@ def _ranges(point: Point) -> list[tuple[int, int]]:
 def _train_one(job: Job, lr: float, seed: int, sched: Schedule, on_step, device="cpu") -> dict:
     train, test = data(job.point, seed)
     torch.manual_seed(seed)
-    model = build(job.point, job.name, job.opts, job.dim).to(device)
+    model = job.model().to(device)
     res = fit(model, train, test, replace(sched, lr=lr), seed, on_step)
     res["slices"] = metrics.sliced(res.pop("grid"), tasks.scored(test), test.slice_, _ranges(job.point))
     res.update(lr=lr, seed=seed, params=param_count(model))
@@ -208,12 +242,11 @@ def _aggregate(job: Job, runs: list[dict], seconds: float) -> dict:
     for s in slices:  # mean over seeds: the test set and so every slice's members are shared
         s["value"] = sum(next(x["value"] for x in r["slices"] if x["lo"] == s["lo"]) for r in chosen) / len(chosen)
     train, test = data(point, 0)
-    cap, mask = _reach_cap(job), static_mask(job.name, point.seq_len, job.opts)
+    cap, mask = _reach_cap(job), job.mask()
     if cap is not None:
         hit = metrics.reachable(mask, test.answer, tasks.scored(test))
         for s, c in zip(slices, metrics.sliced(hit, tasks.scored(test), test.slice_, _ranges(point))):
             s["cap"] = c["value"]
-    heads = mechs.HEADS.get(job.name, 1)
     return {
         "task": point.task,
         "task_name": TASKS[point.task],
@@ -224,9 +257,10 @@ def _aggregate(job: Job, runs: list[dict], seconds: float) -> dict:
             k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in job.opts.items()
         },
         "dim": job.dim,
-        "heads": heads,
+        "heads": job.heads,
         "params": chosen[0]["params"],
-        "state_bytes": state_bytes(job.name, point.seq_len, job.dim, heads, job.opts),
+        "state_bytes": job.state_bytes(),
+        "policy": job.policy.to_dict() if job.policy else None,
         "metric": "mse" if regression else "accuracy",
         "value": value,
         "cap": cap,
@@ -259,12 +293,13 @@ def run(
     smoke=False,
     progress=None,
     device: torch.device | str = "cpu",
+    policies: list[str] = (),
 ):
     """Train everything the preset plans on ``device``; returns (rows, notes). Data are generated and
     scored on the CPU; each batch moves to the device."""
     cfg = PRESETS[preset]
     sched = replace(cfg.schedule, epochs=1) if smoke else cfg.schedule
-    jobs, notes = plan(names, preset, list(task_ids or cfg.tasks), smoke)
+    jobs, notes = plan(names, preset, list(task_ids or cfg.tasks), smoke, policies)
     steps = lambda j: sched.epochs * max(1, j.point.train_n // sched.batch)  # noqa: E731
     cache, rows = {}, []
     total = sum(steps(j) * len(cfg.lrs) for j in jobs) * len(cfg.seeds)
@@ -274,7 +309,7 @@ def run(
         t0, runs = time.perf_counter(), []
         for lr in cfg.lrs:
             for seed in cfg.seeds:
-                key = (job.point.data_key, job.name, repr(job.opts), job.dim, lr, seed)
+                key = (job.point.data_key, job.label, repr(job.opts), job.dim, lr, seed)
                 if progress:
                     desc = f"{job.point.task} {job.point.difficulty} · {job.label} · lr {lr:g} seed {seed}"
                     progress.update(bar, description=desc)

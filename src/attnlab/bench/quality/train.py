@@ -54,10 +54,10 @@ def evaluate(model: RecallModel, test: TaskData) -> dict:
 def _loss(model: RecallModel, inputs, labels, mask):
     dev = next(model.parameters()).device
     inputs, labels, mask = inputs.to(dev), labels.to(dev), mask.to(dev)
-    out = model(inputs, mask)
+    out, aux = model(inputs, mask)
     if labels.is_floating_point():
-        return F.mse_loss(out.squeeze(-1), labels[mask])
-    return F.cross_entropy(out, labels[mask])
+        return F.mse_loss(out.squeeze(-1), labels[mask]) + aux
+    return F.cross_entropy(out, labels[mask]) + aux
 
 
 def fit(model: RecallModel, train: TaskData, test: TaskData, sched: Schedule, seed: int, on_step=None) -> dict:
