@@ -147,8 +147,8 @@ def test_model_head_runs_on_scored_positions_only():
     x = torch.randint(0, 100, (3, 20))
     scored = torch.zeros(3, 20, dtype=torch.bool)
     scored[0, 5] = scored[2, 7] = scored[2, 19] = True
-    out, aux = model(x, scored)
-    assert out.shape == (3, 100) and seen == [torch.Size([3, 16])] and aux == 0
+    out, aux, routes = model(x, scored)
+    assert out.shape == (3, 100) and seen == [torch.Size([3, 16])] and aux == 0 and routes is None
     assert torch.allclose(out, model.head(model.hidden(x)[0][scored]))
     assert model.mixers[0].causal is True and param_count(model) == sum(p.numel() for p in model.parameters())
     reg = RecallModel(None, "dense", dim=16, in_features=5, out_features=1)
@@ -239,7 +239,8 @@ def test_policy_models_follow_their_policy():
             inner = mixer.attn if layer.route is not None else mixer
             assert inner.mechanism == layer.mechanism and inner.rope is None  # no positions, as the suite
         x = torch.randint(0, 16, (3, L))
-        out, aux = model(x, torch.ones(3, L, dtype=torch.bool))
+        out, aux, routes = model(x, torch.ones(3, L, dtype=torch.bool))
+        assert (routes is not None) == (name == "flux") and (routes is None or routes.shape == (3, policies.DEPTH))
         assert out.shape == (3 * L, 16) and torch.isfinite(out).all()
         assert (aux > 0) == (name == "flux"), name  # routers start dense: |1 - z - 0.5| = 0.5
         (out.sum() + aux).backward()
@@ -268,15 +269,17 @@ def test_policy_selection_by_preset():
     assert policies.select(["flux", "flux"], "quick", True) == ["flux"]
 
 
-def test_cli_quality_smoke_with_policies(tmp_path):
+def test_cli_quality_smoke_with_policies(tmp_path, capsys):
     args = ["bench", "--suite", "quality", "--smoke", "--threads", "1", "--tasks", "T1", "--out", str(tmp_path)]
-    assert cli.main([*args, "--policies", "sala", "lightning-x4"]) == 0
+    assert cli.main([*args, "--policies", "sala", "lightning-x4", "flux"]) == 0
     (run,) = tmp_path.iterdir()
     doc = json.loads((run / "quality.json").read_text())
-    assert doc["policies"] == ["sala", "lightning-x4"] and doc["mechanisms"] == []
+    assert doc["policies"] == ["sala", "lightning-x4", "flux"] and doc["mechanisms"] == []
     rows = {r["mechanism"]: r for r in doc["rows"]}
     linear_state = 64 * 65 * 4  # one head of d=64: phi(k)^T v and z
     assert rows["lightning-x4"]["state_bytes"] == 4 * linear_state
     assert rows["sala"]["state_bytes"] == 3 * linear_state + 2 * 128 * 64 * 4  # + block_topk's full cache
     assert [x["mechanism"] for x in rows["sala"]["policy"]["layers"]] == ["lightning"] * 3 + ["block_topk"]
     assert rows["sala"]["cap"] is None and rows["sala"]["label"].startswith("sala[")
+    assert rows["sala"]["sparse_share"] is None  # no routers
+    assert 0 <= rows["flux"]["sparse_share"] <= 1 and "sparse)" in capsys.readouterr().out

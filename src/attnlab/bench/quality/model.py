@@ -69,6 +69,7 @@ class ShortConv(nn.Module):
 class RecallOutput(NamedTuple):
     logits: Tensor  # [M, out]: the head at the scored positions, row-major
     aux_loss: Tensor  # Flux routers' sparsity loss (0 without routed layers); add it to the task loss
+    routes: Tensor | None  # [B, routed layers]: 1 = full attention, 0 = sparse; None without routers
 
 
 class RecallModel(nn.Module):
@@ -111,8 +112,8 @@ class RecallModel(nn.Module):
         if isinstance(self.embed, nn.Embedding):  # a real-valued input's linear map keeps the default
             nn.init.normal_(self.embed.weight, std=EMBED_STD)
 
-    def hidden(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """(LN(x) [B, L, d] before the head, the auxiliary loss)."""
+    def hidden(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(LN(x) [B, L, d] before the head, the auxiliary loss, the routers' choices)."""
         x = self.embed(inputs)  # [B, L, d]
         x = x + self.conv(self.conv_norm(x))
         selections, zs = {}, []
@@ -121,12 +122,13 @@ class RecallModel(nn.Module):
             x = x + h
             if z is not None:
                 zs.append(z)
-        aux = sparsity_loss(zs, self.sparsity_target) if zs else x.new_zeros(())
-        return self.out_norm(x), aux
+        if not zs:
+            return self.out_norm(x), x.new_zeros(()), None
+        return self.out_norm(x), sparsity_loss(zs, self.sparsity_target), torch.stack(zs, 1)
 
     def forward(self, inputs: Tensor, scored: Tensor) -> RecallOutput:
-        h, aux = self.hidden(inputs)
-        return RecallOutput(self.head(h[scored]), aux)  # [M, d] -> [M, out]
+        h, aux, routes = self.hidden(inputs)
+        return RecallOutput(self.head(h[scored]), aux, routes)  # [M, d] -> [M, out]
 
 
 def param_count(model: nn.Module) -> int:
@@ -162,13 +164,12 @@ def state_bytes(name: str, seq_len: int, dim: int, heads: int, options: dict) ->
 
 
 @torch.no_grad()
-def predict(model: RecallModel, inputs: Tensor, scored: Tensor, batch: int = 256) -> Tensor:
-    """The model's outputs at the scored positions of every row, batched: [M, out] on the CPU."""
+def predict(model: RecallModel, inputs: Tensor, scored: Tensor, batch: int = 256) -> tuple[Tensor, Tensor | None]:
+    """The model's outputs at the scored positions of every row, batched, on the CPU: ([M, out], the
+    routers' choices [N, routed layers] or None)."""
     model.eval()
     dev = next(model.parameters()).device
-    outs = [
-        model(inputs[i : i + batch].to(dev), scored[i : i + batch].to(dev)).logits.cpu()
-        for i in range(0, len(inputs), batch)
-    ]
+    outs = [model(inputs[i : i + batch].to(dev), scored[i : i + batch].to(dev)) for i in range(0, len(inputs), batch)]
     model.train()
-    return torch.cat(outs)
+    routes = None if outs[0].routes is None else torch.cat([o.routes.cpu() for o in outs])
+    return torch.cat([o.logits.cpu() for o in outs]), routes

@@ -17,7 +17,10 @@ def _bytes(n: int) -> str:
 
 
 def _value(r: dict) -> str:
-    return f"mse {r['value']:.3f}" if r["metric"] == "mse" else f"{r['value']:.3f}"
+    text = f"mse {r['value']:.3f}" if r["metric"] == "mse" else f"{r['value']:.3f}"
+    if r.get("sparse_share") is not None:  # a routed policy: how often its routers chose sparse
+        text += f" ({r['sparse_share']:.0%} sparse)"
+    return text
 
 
 def _slices(r: dict) -> str:

@@ -261,6 +261,7 @@ def _aggregate(job: Job, runs: list[dict], seconds: float) -> dict:
         "params": chosen[0]["params"],
         "state_bytes": job.state_bytes(),
         "policy": job.policy.to_dict() if job.policy else None,
+        "sparse_share": _mean([r["sparse_share"] for r in chosen if "sparse_share" in r]),
         "metric": "mse" if regression else "accuracy",
         "value": value,
         "cap": cap,
@@ -271,12 +272,16 @@ def _aggregate(job: Job, runs: list[dict], seconds: float) -> dict:
         "slices": slices,
         "settings": {**dict(point.settings), "train": point.train_n, "test": point.test_n, **_fixed(point)},
         "train_test_overlap": tasks.overlap(train, test),
-        "runs": [
-            {k: r[k] for k in ("lr", "seed", "score", "steps", "best_step", "epochs_run", "stop", "seconds")}
-            for r in runs
-        ],
+        "runs": [{k: r[k] for k in RUN_FIELDS if k in r} for r in runs],
         "seconds": seconds,
     }
+
+
+RUN_FIELDS = ("lr", "seed", "score", "steps", "best_step", "epochs_run", "stop", "seconds", "sparse_share")
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _fixed(point: Point) -> dict:

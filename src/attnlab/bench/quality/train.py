@@ -39,22 +39,24 @@ def evaluate(model: RecallModel, test: TaskData) -> dict:
     """Test metrics: ``score`` (accuracy, or 1 - normalized MSE for regression, so higher is better
     everywhere), the raw accuracy or MSE, and the per-position outcome grid for slicing."""
     mask = scored(test)
-    out = predict(model, test.inputs, mask)
+    out, routes = predict(model, test.inputs, mask)
+    # Flux: the share of (sequence, layer) choices that ran the sparse branch at test time
+    routed = {} if routes is None else {"sparse_share": 1.0 - routes.float().mean().item()}
     if test.labels.is_floating_point():
         err = torch.zeros(test.labels.shape)
         dim = test.inputs.shape[-1] - 2  # y = w.x with x, w ~ N(0, I_dim): Var(y) = dim
         err[mask] = (out.squeeze(-1) - test.labels[mask]).pow(2) / dim
         mse = metrics.per_example_mean(err, mask)
-        return {"score": 1.0 - mse, "mse": mse, "grid": err}
+        return {"score": 1.0 - mse, "mse": mse, "grid": err, **routed}
     grid = metrics.correct_grid(out.argmax(-1), test.labels, mask)
     acc = metrics.per_example_mean(grid, mask)
-    return {"score": acc, "accuracy": acc, "grid": grid}
+    return {"score": acc, "accuracy": acc, "grid": grid, **routed}
 
 
 def _loss(model: RecallModel, inputs, labels, mask):
     dev = next(model.parameters()).device
     inputs, labels, mask = inputs.to(dev), labels.to(dev), mask.to(dev)
-    out, aux = model(inputs, mask)
+    out, aux, _ = model(inputs, mask)
     if labels.is_floating_point():
         return F.mse_loss(out.squeeze(-1), labels[mask]) + aux
     return F.cross_entropy(out, labels[mask]) + aux
