@@ -5,7 +5,8 @@
     x = x + Attention(LN(x))                     the mechanism under test, causal, no position embedding
     h = LN(x)[scored positions] -> head          logits [M, V] (or [M, 1] for regression)
 
-No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). The token
+No MLP, no position embedding (the conv supplies relative shift, as in Zoology/Based). A layer
+policy (``quality.policies``) replaces the one mixer line with one such line per policy layer. The token
 embedding starts at N(0, 0.02) (GPT-2's, as in Zoology); every other module keeps PyTorch's default
 init, so the mixer is exactly the ``attnlab.nn.Attention`` a user builds. Both alternatives we
 measured learn MQAR slower (L=128, 6 epochs, seed 0; the spec pilot's figures in brackets):
