@@ -30,9 +30,9 @@ def test_fast_path_matches_oracle(name, case, blocks):
     assert not problems, problems
 
 
-# Layouts that differ per batch row or head: at test sizes they run on the executor's gathered path
-# (kernels.gathered), so the planned per-slice path gets the same contract here.
-PER_SLICE = ("block_topk", "dynamic_hierarchical", "strided_shard")
+# Selections: at test sizes they run on the executor's gathered path (kernels.gathered), so the
+# planned per-slice path gets the same contract here.
+PER_SLICE = ("block_topk", "dynamic_hierarchical")
 PER_SLICE_CASES = [(n, c) for n, c in ALL_CASES if n in PER_SLICE and c.impl != "reference"]
 
 

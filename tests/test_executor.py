@@ -155,7 +155,7 @@ def _random_selection_layout(g, Bl, Hl, T, S, blk):
 
     rows = torch.arange(T) // blk[0]
     cols = torch.arange(S) // blk[1]
-    lay = layout_from_blocks(visited, full, T, S, blk, mod)
+    lay = layout_from_blocks(visited, full, T, S, blk, mod, selected=True)
     tok = visited[:, :, rows][..., cols]  # [Bl, Hl, T, S]
     qi, ki = torch.arange(T)[:, None], torch.arange(S)[None]
     pred = torch.stack([torch.stack([mod(b, h, qi, ki) for h in range(Hl)]) for b in range(Bl)])
@@ -214,3 +214,17 @@ def test_small_selection_layouts_take_the_gathered_path_in_one_batched_call(monk
     calls.clear()
     attnlab.attention(q, k, v, "block_topk", causal=True, block_size=8, top_k=3, init_blocks=1, local_blocks=1)
     assert len(calls) > 1 and all(s[1] * 24 * (16 + 8) <= 1 << 12 for s in calls)
+
+
+def test_only_small_selections_take_the_gathered_path():
+    """Static per-head layouts keep their cached plans; selections go batched while small."""
+    from attnlab.kernels import gathered
+
+    static = attnlab.get("strided_shard").block_layout(256, 256, causal=True, kv_heads=4)
+    assert static.kv_blocks.shape[1] == 4 and not static.selected and not gathered.suits(static, 1)
+    q, k = torch.randn(2, 1, 4, 256, 16)
+    small = attnlab.get("block_topk").select(q, k, causal=True, block_size=16, top_k=4, local_blocks=1)
+    assert small.layout.selected and gathered.suits(small.layout, 1)
+    q, k = torch.randn(2, 1, 4, 8192, 16)
+    large = attnlab.get("block_topk").select(q, k, causal=True)  # 8K rows x 16 blocks of 64: planned
+    assert not gathered.suits(large.layout, 1)

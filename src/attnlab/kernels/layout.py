@@ -67,6 +67,8 @@ class BlockLayout:
     # Token order the layout is written in (self-attention over a grid): position t holds original
     # token order[t]. The executor permutes q, k, v by it and restores the output. None = identity.
     order: Tensor | None = None
+    # Made from this call's data (a selection): a fresh layout every call, so no plan is ever reused.
+    selected: bool = False
 
     @property
     def n_q_blocks(self) -> int:
@@ -183,12 +185,13 @@ def query_positions(T: int, S: int, block_q: int | None = None) -> tuple[Tensor,
 
 
 def layout_from_blocks(
-    visited: Tensor, full: Tensor, T: int, S: int, block: tuple[int, int], mask_mod: MaskMod
+    visited: Tensor, full: Tensor, T: int, S: int, block: tuple[int, int], mask_mod: MaskMod, *, selected=False
 ) -> BlockLayout:
     """A layout from block-level decisions a mechanism made itself (analytic rules, selections).
 
     visited, full: bool [Bl, Hl, nQB, nKB]. ``full`` blocks run unmasked, so they must be allowed for
-    every real row and key; blocks holding padding keys are demoted to partial here.
+    every real row and key; blocks holding padding keys are demoted to partial here. ``selected``:
+    the decisions come from this call's q/k (see ``BlockLayout.selected``).
     """
     Bl, Hl, nQB, nKB = visited.shape
     Bq, Bk = block
@@ -203,7 +206,7 @@ def layout_from_blocks(
     safe = order.clamp(max=nKB - 1)
     kv_blocks = torch.where(keep, safe, -1)
     partial = keep & ~full.gather(-1, safe)
-    return BlockLayout(T, S, Bq, Bk, kv_blocks, partial, mask_mod)
+    return BlockLayout(T, S, Bq, Bk, kv_blocks, partial, mask_mod, selected=selected)
 
 
 def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> tuple[Tensor, Tensor]:

@@ -120,7 +120,7 @@ def select(
         p = q_idx + off
         return (kv_idx <= p) & (p >= 0) if causal else p >= 0
 
-    return BlockSelection(keep, layout_from_blocks(keep, full, T, S, (beta, beta), block_topk), causal)
+    return BlockSelection(keep, layout_from_blocks(keep, full, T, S, (beta, beta), block_topk, selected=True), causal)
 
 
 def attention(

@@ -202,7 +202,7 @@ def select(q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = N
     def dhsa(bb, h, q_idx, kv_idx):
         return _allowed(sel, bb, q_idx, kv_idx, off)
 
-    return sel._replace(layout=layout_from_blocks(visited, full, T, S, block, dhsa))
+    return sel._replace(layout=layout_from_blocks(visited, full, T, S, block, dhsa, selected=True))
 
 
 def _fill_budgets(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: tuple[int, int]):
