@@ -268,21 +268,28 @@ def _scatter_keys(dst: Tensor, grad: Tensor, g: _Group, Bk: int, idx: Tensor | N
         dst.index_add_(1, idx, grad.reshape(N, m * span, E))
 
 
-class _BlockSparseCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        c = _Ctx(q, k, layout, scale)
-        out, lse = _forward(q, k, v, c)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.c = c
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def executor_function(context, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd Function (q, k, v, layout, scale) -> (out, lse) from a per-call ``context`` class
+    and the ``forward`` / ``backward`` that share it; lse carries no gradient."""
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.c)
-        return dq, dk, dv, None, None
+    class _Executor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, layout, scale):
+            c = context(q, k, layout, scale)
+            out, lse = forward(q, k, v, c)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.c = c
+            ctx.mark_non_differentiable(lse)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, dout, _dlse):
+            return (*backward(dout, *ctx.saved_tensors, ctx.c), None, None)
+
+    return _Executor
+
+
+_BlockSparseCPU = executor_function(_Ctx, _forward, _backward)
 
 
 def block_sparse_cpu(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab.kernels.cpu import _from_blocks, _pad_keys, _to_blocks
+from attnlab.kernels.cpu import _from_blocks, _pad_keys, _to_blocks, executor_function
 from attnlab.kernels.layout import BlockLayout
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -151,20 +151,7 @@ def _backward(dout, q, k, v, out, lse, c: _Gather):
     return _unblocks(dq, c, B), dk, dv
 
 
-class _GatheredCPU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        c = _Gather(q, k, layout, scale)
-        out, lse = _forward(q, k, v, c)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.c = c
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        dq, dk, dv = _backward(dout, *ctx.saved_tensors, ctx.c)
-        return dq, dk, dv, None, None
+_GatheredCPU = executor_function(_Gather, _forward, _backward)
 
 
 def gathered_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float) -> tuple[Tensor, Tensor]:
