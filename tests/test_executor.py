@@ -171,18 +171,24 @@ def _random_selection_layout(g, Bl, Hl, T, S, blk):
     S=st.integers(1, 40),
     blk=st.tuples(st.sampled_from([4, 8, 16]), st.sampled_from([4, 8, 16])),
     per_batch=st.booleans(),
+    per_head=st.booleans(),
+    Dv=st.sampled_from([8, 5]),
     seed=st.integers(0, 10**6),
 )
-def test_gathered_and_planned_paths_match_the_oracle_on_selection_layouts(B, heads, T, S, blk, per_batch, seed):
-    """Both executor paths for per-slice layouts, forward and gradients, against the dense oracle."""
+def test_gathered_and_planned_paths_match_the_oracle_on_selection_layouts(
+    B, heads, T, S, blk, per_batch, per_head, Dv, seed
+):
+    """Both executor paths for per-slice layouts (per batch row or shared, per kv head or shared),
+    forward and gradients, against the dense oracle."""
     from attnlab.kernels import gathered
 
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
-    lay, allowed = _random_selection_layout(g, B if per_batch else 1, Hkv, T, S, blk)
+    lay, allowed = _random_selection_layout(g, B if per_batch else 1, Hkv if per_head else 1, T, S, blk)
     allowed = allowed.expand(B, Hkv, T, S).repeat_interleave(H // Hkv, dim=1)  # [B, H, T, S]
     q = torch.randn(B, H, T, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(B, Hkv, S, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k = torch.randn(B, Hkv, S, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64, requires_grad=True)
     ref = attnlab.reference.attention(q, k, v, allowed)
     want = torch.autograd.grad(ref.out.sum(), (q, k, v))
     for area in (-1, 1 << 40):  # planned, then gathered
@@ -228,3 +234,40 @@ def test_only_small_selections_take_the_gathered_path():
     q, k = torch.randn(2, 1, 4, 8192, 16)
     large = attnlab.get("block_topk").select(q, k, causal=True)  # 8K rows x 16 blocks of 64: planned
     assert not gathered.suits(large.layout, 1)
+
+
+def test_gathered_path_in_bf16_matches_the_planned_path():
+    from attnlab.kernels import gathered
+
+    g = torch.Generator().manual_seed(3)
+    lay, _ = _random_selection_layout(g, 2, 2, 37, 45, (8, 8))
+    q = torch.randn(2, 4, 37, 16, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2, 45, 16, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    results = []
+    for area in (-1, 1 << 40):
+        old, gathered._SMALL_SLICE_AREA = gathered._SMALL_SLICE_AREA, area
+        try:
+            out, lse = block_sparse_attention(q, k, v, lay)
+            results.append((out, lse, *torch.autograd.grad(out.float().sum(), (q, k, v))))
+        finally:
+            gathered._SMALL_SLICE_AREA = old
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_gathered_path_keeps_only_chunk_sized_masks(monkeypatch):
+    """The whole batch's [R, rows, V*Bk] mask never exists: chunks build theirs from the partial
+    blocks' predicate, so the largest tensor stays q-sized while the full mask would be 8x q."""
+    from attnlab.kernels import gathered
+
+    monkeypatch.setattr(gathered, "_CHUNK_ELEMS", 1 << 14)
+    q, k, v = (torch.randn(32, 1, 512, 16, requires_grad=True) for _ in range(3))
+    opts = dict(causal=True, block_size=16, top_k=8, init_blocks=1, local_blocks=1)
+    sel = attnlab.get("block_topk").select(q, k, **opts)
+    assert gathered.suits(sel.layout, 1)
+    full_mask = 32 * 512 * 8 * 16  # R * rows * V * Bk
+    with LargestTensor() as probe:
+        out = attnlab.attention(q, k, v, "block_topk", selection=sel, **opts)
+        out.sum().backward()
+    assert probe.numel <= q.numel() < full_mask // 4, (probe.numel, q.numel())

@@ -244,6 +244,8 @@ def test_policy_models_follow_their_policy():
         assert out.shape == (3 * L, 16) and torch.isfinite(out).all()
         assert (aux > 0) == (name == "flux"), name  # routers start dense: |1 - z - 0.5| = 0.5
         (out.sum() + aux).backward()
+    reg = RecallModel(None, policies.policy_at("flux", 12), dim=16, in_features=5, out_features=1)
+    assert reg(torch.randn(2, 12, 5), torch.ones(2, 12, dtype=torch.bool)).logits.shape == (24, 1)  # ICL inputs
     described = policies.describe(policies.policy_at("sala", 128))
     assert described == "lightning,lightning,lightning,block_topk"
     assert policies.describe(policies.policy_at("hylra", 128)) == "block_topk,block_topk<-0,block_topk<-0,block_topk<-0"
@@ -283,3 +285,16 @@ def test_cli_quality_smoke_with_policies(tmp_path, capsys):
     assert rows["sala"]["cap"] is None and rows["sala"]["label"].startswith("sala[")
     assert rows["sala"]["sparse_share"] is None  # no routers
     assert 0 <= rows["flux"]["sparse_share"] <= 1 and "sparse)" in capsys.readouterr().out
+
+
+def test_cli_quality_with_nothing_to_train_says_why(tmp_path, capsys):
+    args = ["bench", "--suite", "quality", "--smoke", "--tasks", "T3", "--out", str(tmp_path)]
+    assert cli.main([*args, "--policies", "sala"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnlab bench: error: nothing to train") and "sala: not in T3" in err
+    assert err.count("\n") == 1
+
+
+def test_policy_model_refuses_loose_options():
+    with pytest.raises(ValueError, match="options go into the policy"):
+        RecallModel(16, policies.policy_at("sala", 32), {"window": 4}, dim=16)

@@ -145,13 +145,17 @@ def cmd_quality(args) -> int:
     run_kw = {"smoke": args.smoke, "device": device, "policies": pols}
     t0 = time.perf_counter()
     try:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        try:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, transient=True) as progress:
-            rows, more = suite.run(names, args.preset, tasks, progress=progress, **run_kw)
-    except ImportError:
-        rows, more = suite.run(names, args.preset, tasks, **run_kw)
+            columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+            with Progress(*columns, transient=True) as progress:
+                rows, more = suite.run(names, args.preset, tasks, progress=progress, **run_kw)
+        except ImportError:
+            rows, more = suite.run(names, args.preset, tasks, **run_kw)
+    except suite.NothingToTrain as e:
+        print(f"attnlab bench: error: {e}", file=sys.stderr)
+        return 2
     notes += more
     wall = time.perf_counter() - t0
     meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "policies": pols}

@@ -12,8 +12,9 @@ padded slots and partial blocks are masked:
     mask [R, G*Bq, V*Bk]   -inf on padding and on the disallowed keys of partial blocks
 
 Each call sees a query block's whole key set, so its output and log-sum-exp are final (no merges),
-and the kernel's own backward gives exact gradients; dK/dV scatter back with ``index_add_``. Work
-and memory are O(R * V * Bk), the visited area plus padding, never T x S; calls are chunked over R.
+and the kernel's own backward gives exact gradients; dK/dV scatter back with ``index_add_``. Work is
+the visited area plus padding, never T x S; calls are chunked over R, and each chunk's mask is built
+from the predicate's values on partial blocks, the only mask state kept between forward and backward.
 ``suits`` keeps the planned path for static layouts (their plans are cached) and for large
 per-slice work, where it launches few calls per slice and runs full blocks without a mask.
 """
@@ -57,30 +58,30 @@ class _Gather:
         self.V = kvb.shape[-1]
         slice_id = torch.arange(B * Hkv).view(B, Hkv, 1, 1)
         self.rows_idx = (slice_id * self.nKB + kvb.clamp(min=0)).reshape(-1, self.V)  # [R, V] block rows
-        self.allowed = self._allowed(B, Hkv)
-        self.has_key = None if self.allowed is None else self.allowed.any(-1)  # [R, G*Bq]
+        self.valid = (kvb >= 0).reshape(-1, self.V)  # [R, V]: False on padding slots
+        self.masked = not bool(((layout.kv_blocks >= 0) & ~layout.partial).all())  # padding or partial
+        self.part_of, self.part_ok = self._partial(B, Hkv)
+        self.has_key = torch.ones(self.valid.shape[0], self.G * self.Bq, dtype=torch.bool)  # set by forward
         per = self.V * self.Bk * (q.shape[-1] + self.G * self.Bq)  # gathered K + mask elements per item
         self.chunk = max(1, _CHUNK_ELEMS // per)
 
-    def _allowed(self, B: int, Hkv: int) -> Tensor | None:
-        """Allowed keys, bool [R, G*Bq, V*Bk] (None when every slot is a full block): padding slots
-        are False, full blocks True, partial ones ask ``mask_mod``. Kept as bool (1 byte per
-        element); each chunk turns its slice into an additive mask."""
-        lay, rows = self.layout, self.G * self.Bq
-        Bl, Hl, nQB, V = lay.kv_blocks.shape
-        valid, part = lay.kv_blocks >= 0, lay.partial  # [Bl, Hl, nQB, V]
-        if bool((valid & ~part).all()):
-            return None
-        ok = valid.view(Bl, Hl, nQB, 1, V, 1).expand(Bl, Hl, nQB, rows, V, self.Bk).clone()
-        b, h, n, j = part.nonzero(as_tuple=True)  # every partial (slice, query block, slot), [P]
-        if len(n):
-            q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
-            q_idx = (n.unsqueeze(1) * self.Bq + q_pos).clamp(max=self.T - 1).unsqueeze(2)  # [P, rows, 1]
-            kv_idx = lay.kv_blocks[b, h, n, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk)  # [P, Bk]
-            # One vmapped call over all slices: mask_mods see 0-d b and h, as the contract (and Flex) has it.
-            allowed = torch.vmap(lay.mask_mod)(b, h, q_idx, kv_idx.clamp(max=self.S - 1).unsqueeze(1))
-            ok[b, h, n, :, j] = allowed & (kv_idx < self.S).unsqueeze(1)
-        return ok.expand(B, Hkv, nQB, rows, V, self.Bk).reshape(-1, rows, V * self.Bk)
+    def _partial(self, B: int, Hkv: int) -> tuple[Tensor, Tensor]:
+        """The predicate on partial blocks only, kept for the backward: part_ok bool [P, G*Bq, Bk] for
+        the layout's P partial (slice, query block, slot) triples, and part_of [R, V], each item slot's
+        row in part_ok (-1: a full block or padding). Chunk masks are assembled from these, so the
+        whole batch's [R, G*Bq, V*Bk] mask never exists."""
+        lay = self.layout
+        b, h, n, j = lay.partial.nonzero(as_tuple=True)  # [P]
+        q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
+        q_idx = (n.unsqueeze(1) * self.Bq + q_pos).clamp(max=self.T - 1).unsqueeze(2)  # [P, rows, 1]
+        kv_idx = lay.kv_blocks[b, h, n, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk)  # [P, Bk]
+        # One vmapped call over all slices: mask_mods see 0-d b and h, as the contract (and Flex) has it.
+        ok = torch.vmap(lay.mask_mod)(b, h, q_idx, kv_idx.clamp(max=self.S - 1).unsqueeze(1)) if len(n) else None
+        part_ok = torch.zeros(0, self.G * self.Bq, self.Bk, dtype=torch.bool) if ok is None else ok
+        part_ok = part_ok & (kv_idx < self.S).unsqueeze(1)  # padding keys past S
+        part_of = torch.full(lay.partial.shape, -1, dtype=torch.long)  # [Bl, Hl, nQB, V]
+        part_of[b, h, n, j] = torch.arange(len(n))
+        return part_of.expand(B, Hkv, -1, -1).reshape(-1, self.V), part_ok
 
     def keys(self, x: Tensor, lo: int, hi: int) -> Tensor:
         """Visited blocks of items lo:hi from padded x [B, Hkv, nKB*Bk, D]: [1, hi-lo, V*Bk, D]."""
@@ -88,11 +89,18 @@ class _Gather:
         flat = x.reshape(-1, self.Bk * D)  # [B*Hkv*nKB, Bk*D] whole blocks as rows
         return flat.index_select(0, self.rows_idx[lo:hi].flatten()).view(1, hi - lo, self.V * self.Bk, D)
 
-    def mask_of(self, lo: int, hi: int, dtype: torch.dtype) -> Tensor | None:
-        """Additive mask [1, hi-lo, G*Bq, V*Bk] of items lo:hi, or None."""
-        if self.allowed is None:
-            return None
-        return torch.zeros((), dtype=dtype).masked_fill(~self.allowed[lo:hi], float("-inf")).unsqueeze(0)
+    def mask_of(self, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """Additive mask [1, hi-lo, G*Bq, V*Bk] of items lo:hi and their rows' has-a-key [hi-lo, G*Bq],
+        or (None, None) when every slot is a full block."""
+        if not self.masked:
+            return None, None
+        c, rows = hi - lo, self.G * self.Bq
+        ok = self.valid[lo:hi].view(c, 1, self.V, 1).expand(c, rows, self.V, self.Bk).clone()
+        at = self.part_of[lo:hi]
+        i, j = (at >= 0).nonzero(as_tuple=True)
+        ok[i, :, j] = self.part_ok[at[i, j]]  # [p, rows, Bk]
+        ok = ok.view(c, rows, self.V * self.Bk)
+        return torch.zeros((), dtype=dtype).masked_fill(~ok, float("-inf")).unsqueeze(0), ok.any(-1)
 
     def chunks(self):
         R = self.rows_idx.shape[0]
@@ -115,11 +123,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Gather) -> tuple[Tensor, Tenso
     out = q.new_empty(qb.shape)
     lse = torch.empty(qb.shape[:2], dtype=lse_dtype)
     for lo, hi in c.chunks():
-        mask = c.mask_of(lo, hi, q.dtype)
+        mask, has_key = c.mask_of(lo, hi, q.dtype)
+        if has_key is not None:
+            c.has_key[lo:hi] = has_key
         o, l_ = _flash(qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi), 0.0, False, attn_mask=mask,
                        scale=c.scale)  # fmt: skip
         out[lo:hi], lse[lo:hi] = o[0], l_[0]
-    if c.has_key is not None and not bool(c.has_key.all()):  # no key: out 0, lse -inf (the kernel says 0)
+    # The CPU flash kernel returns out 0 and lse 0 for a fully masked row; a row with no key has lse -inf.
+    if not bool(c.has_key.all()):
         out.masked_fill_(~c.has_key.unsqueeze(-1), 0)
         lse.masked_fill_(~c.has_key, float("-inf"))
     B = q.shape[0]
@@ -137,7 +148,7 @@ def _backward(dout, q, k, v, out, lse, c: _Gather):
     dk = torch.zeros(kp.numel() // (c.Bk * D), c.Bk * D, dtype=acc)  # whole blocks as rows
     dv = torch.zeros_like(dk)
     for lo, hi in c.chunks():
-        mask = c.mask_of(lo, hi, q.dtype)
+        mask, _ = c.mask_of(lo, hi, q.dtype)
         gq, gk, gv = _flash_bwd(
             dob[lo:hi].unsqueeze(0), qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi),
             ob[lo:hi].unsqueeze(0), lb[lo:hi].unsqueeze(0), 0.0, False, attn_mask=mask, scale=c.scale,

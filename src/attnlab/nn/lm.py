@@ -60,9 +60,10 @@ def attend(attn: nn.Module, h: Tensor, selections: dict, index: int, reuse: int 
     if attn.mechanism != "block_topk":
         return attn(h), None
     q, k, v = attn.project(h)
-    opts = {key: val for key, val in attn.options.items() if key != "selection"}
-    sel = reuse_mod.shared_selection(selections, index, reuse, q, k, causal=True, scale=attn.scale, **opts)
-    out = registry.attention(q, k, v, "block_topk", causal=True, scale=attn.scale, selection=sel, **opts)
+    opts = {key: val for key, val in attn.options.items() if key != "selection"}  # chosen here, per call
+    common = {"causal": attn.causal, "scale": attn.scale}
+    sel = reuse_mod.shared_selection(selections, index, reuse, q, k, **common, **opts)
+    out = registry.attention(q, k, v, "block_topk", selection=sel, **common, **opts)
     return attn.merge_heads(out), None
 
 

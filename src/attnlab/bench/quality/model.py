@@ -101,6 +101,8 @@ class RecallModel(nn.Module):
         self.embed = nn.Linear(in_features, dim) if in_features else nn.Embedding(vocab, dim)
         self.conv_norm, self.conv = nn.LayerNorm(dim), ShortConv(dim, conv_kernel)
         if isinstance(mixer, Policy):
+            if options:
+                raise ValueError("options go into the policy's layers; pass options=None with a Policy")
             mixers = [layer_attention(dim, heads, None, layer, rope=False) for layer in mixer.layers]
             self.reuse = [layer.reuse for layer in mixer.layers]
         else:  # options as given (tuples, tensors): no policy round trip through JSON values

@@ -108,6 +108,10 @@ def vocab_of(point: Point) -> int | None:
     return {"mqar": s.get("vocab"), "passkey": 256, "selective_copy": s.get("vocab"), "regression": None}[point.kind]
 
 
+class NothingToTrain(ValueError):
+    """The selection plans no run (every mechanism or policy skips every task point)."""
+
+
 @dataclass
 class Job:
     point: Point
@@ -163,7 +167,8 @@ def plan(
                 shown = ", ".join(f"{k}={v}" for k, v in opts.items() if not isinstance(v, torch.Tensor))
                 jobs.append(Job(point, name, opts, dim, f"{name}({shown})" if shown else name))
         if point.reach is not None:
-            continue  # policies have no reach option
+            notes += [f"{name}: not in {point.task} (a policy has no single window to sweep)" for name in policies]
+            continue
         for name in policies:
             policy = pol.policy_at(name, point.seq_len)
             jobs += [Job(point, name, {}, dim, f"{name}[{pol.describe(policy)}]", policy) for dim in cfg.dims]
@@ -181,7 +186,7 @@ def _quick_ladder(jobs: list[Job], notes: list[str]) -> tuple[list[Job], list[st
         if j.point.task == "T2" and _reach_cap(j) not in (None, 1.0):
             left[j.label] = "reach-bound: see T3"
         elif j.point.task == "T2" and not _fixed_state(j) and j.point.difficulty in ("N=4", "N=16"):
-            left[j.label] = "quick preset runs N=8 and N=32 only for full-context mechanisms"
+            left[j.label] = "quick preset runs N=8 and N=32 only where some layer keeps the full context"
         else:
             keep.append(j)
     return keep, notes + [f"{label}: left out of parts of T2 ({why})" for label, why in left.items()]
@@ -305,6 +310,8 @@ def run(
     cfg = PRESETS[preset]
     sched = replace(cfg.schedule, epochs=1) if smoke else cfg.schedule
     jobs, notes = plan(names, preset, list(task_ids or cfg.tasks), smoke, policies)
+    if not jobs:
+        raise NothingToTrain("nothing to train for these tasks: " + ("; ".join(notes) or "no mechanism or policy"))
     steps = lambda j: sched.epochs * max(1, j.point.train_n // sched.batch)  # noqa: E731
     cache, rows = {}, []
     total = sum(steps(j) * len(cfg.lrs) for j in jobs) * len(cfg.seeds)
@@ -314,6 +321,7 @@ def run(
         t0, runs = time.perf_counter(), []
         for lr in cfg.lrs:
             for seed in cfg.seeds:
+                # the label, not the name: it tells policies and option sets apart
                 key = (job.point.data_key, job.label, repr(job.opts), job.dim, lr, seed)
                 if progress:
                     desc = f"{job.point.task} {job.point.difficulty} · {job.label} · lr {lr:g} seed {seed}"
