@@ -31,8 +31,8 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _CHUNK_ELEMS = 1 << 22  # bound on gathered-K plus mask elements per kernel call
 # Per-slice score area (query rows x padded visited keys) up to which a selection runs here. Measured
-# (2 threads, B1 H8 D64, block_topk's defaults): 2.6x faster than planned at 2K (area 2^21), 0.85x at
-# 4K; at B64 L128 (the quality suite) 15-20x.
+# (2 threads, B1 H8 D64, block_topk's defaults): 1.9x faster than planned at 2K (area 2^21), 0.85x at
+# 4K; at B64 L128 (the quality suite) 15-20x. Memory is no limit: only chunk-sized masks exist.
 _SMALL_SLICE_AREA = 1 << 21
 
 
