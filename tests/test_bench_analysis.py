@@ -97,9 +97,8 @@ def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
 
 
 def test_probes_time_a_call_and_see_its_memory():
+    import mmap
     import time
-
-    import torch
 
     from attnlab.bench import measure
 
@@ -107,9 +106,12 @@ def test_probes_time_a_call_and_see_its_memory():
     probe = measure.peak_memory("cpu")
     assert isinstance(probe, measure.PeakRSS)
     with probe:
-        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        # Fresh pages straight from the OS: a malloc'd tensor may reuse pages an earlier test left
+        # resident, which an RSS probe rightly cannot see.
+        x = mmap.mmap(-1, 64 << 20)
+        x.write(b"\1" * (64 << 20))  # 64 MiB, touched
         time.sleep(0.01)
-        del x
+        x.close()
     assert probe.peak is not None and probe.peak >= 32 << 20
 
 
