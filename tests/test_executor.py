@@ -1,5 +1,6 @@
 """The block-sparse executor: exact block classification, exact merges, no T x S tensors, linear memory."""
 
+import contextlib
 import weakref
 
 import torch
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 import attnlab
 from attnlab.core import merge_lse
-from attnlab.kernels import block_size, block_sparse_attention, build_layout
+from attnlab.kernels import block_size, block_sparse_attention, build_layout, gathered
 from attnlab.testing import LargestTensor, tile_classes
 
 
@@ -141,6 +142,17 @@ def test_interval_blocks_match_brute_force_tiles():
         assert torch.equal(full, want_f)
 
 
+@contextlib.contextmanager
+def _executor_path(area: int):
+    """Selections up to this per-slice area take the gathered path (-1: none, the planned path);
+    a context manager rather than monkeypatch, which hypothesis tests cannot use per example."""
+    old, gathered._SMALL_SLICE_AREA = gathered._SMALL_SLICE_AREA, area
+    try:
+        yield
+    finally:
+        gathered._SMALL_SLICE_AREA = old
+
+
 def _random_selection_layout(g, Bl, Hl, T, S, blk):
     """A per-slice layout as a selection makes one: random visited blocks, some of them full, an
     irregular per-slice predicate on the partial ones (some rows end up with no key)."""
@@ -180,7 +192,6 @@ def test_gathered_and_planned_paths_match_the_oracle_on_selection_layouts(
 ):
     """Both executor paths for per-slice layouts (per batch row or shared, per kv head or shared),
     forward and gradients, against the dense oracle."""
-    from attnlab.kernels import gathered
 
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
@@ -192,12 +203,9 @@ def test_gathered_and_planned_paths_match_the_oracle_on_selection_layouts(
     ref = attnlab.reference.attention(q, k, v, allowed)
     want = torch.autograd.grad(ref.out.sum(), (q, k, v))
     for area in (-1, 1 << 40):  # planned, then gathered
-        old, gathered._SMALL_SLICE_AREA = gathered._SMALL_SLICE_AREA, area
-        try:
+        with _executor_path(area):
             out, lse = block_sparse_attention(q, k, v, lay)
             got = torch.autograd.grad(out.sum(), (q, k, v))
-        finally:
-            gathered._SMALL_SLICE_AREA = old
         torch.testing.assert_close(out, ref.out)
         torch.testing.assert_close(lse, ref.lse)
         assert (out[~allowed.any(-1)] == 0).all()  # a row with no key is 0, not NaN
@@ -208,8 +216,6 @@ def test_gathered_and_planned_paths_match_the_oracle_on_selection_layouts(
 def test_small_selection_layouts_take_the_gathered_path_in_one_batched_call(monkeypatch):
     """The gathered path launches O(1) kernel calls for a whole batch of per-slice layouts (the
     planned one launches at least one per slice) and bounds its calls to the chunk budget."""
-    from attnlab.kernels import gathered
-
     calls = []
     real = gathered._flash
     monkeypatch.setattr(gathered, "_flash", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
@@ -224,8 +230,6 @@ def test_small_selection_layouts_take_the_gathered_path_in_one_batched_call(monk
 
 def test_only_small_selections_take_the_gathered_path():
     """Static per-head layouts keep their cached plans; selections go batched while small."""
-    from attnlab.kernels import gathered
-
     static = attnlab.get("strided_shard").block_layout(256, 256, causal=True, kv_heads=4)
     assert static.kv_blocks.shape[1] == 4 and not static.selected and not gathered.suits(static, 1)
     q, k = torch.randn(2, 1, 4, 256, 16)
@@ -237,7 +241,6 @@ def test_only_small_selections_take_the_gathered_path():
 
 
 def test_gathered_path_in_bf16_matches_the_planned_path():
-    from attnlab.kernels import gathered
 
     g = torch.Generator().manual_seed(3)
     lay, _ = _random_selection_layout(g, 2, 2, 37, 45, (8, 8))
@@ -245,12 +248,9 @@ def test_gathered_path_in_bf16_matches_the_planned_path():
     k, v = (torch.randn(2, 2, 45, 16, generator=g).bfloat16().requires_grad_() for _ in range(2))
     results = []
     for area in (-1, 1 << 40):
-        old, gathered._SMALL_SLICE_AREA = gathered._SMALL_SLICE_AREA, area
-        try:
+        with _executor_path(area):
             out, lse = block_sparse_attention(q, k, v, lay)
             results.append((out, lse, *torch.autograd.grad(out.float().sum(), (q, k, v))))
-        finally:
-            gathered._SMALL_SLICE_AREA = old
     for a, b in zip(*results):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
@@ -259,8 +259,6 @@ def test_gathered_path_in_bf16_matches_the_planned_path():
 def test_gathered_path_keeps_only_chunk_sized_masks(monkeypatch):
     """The whole batch's [R, rows, V*Bk] mask never exists: chunks build theirs from the partial
     blocks' predicate, so the largest tensor stays q-sized while the full mask would be 8x q."""
-    from attnlab.kernels import gathered
-
     monkeypatch.setattr(gathered, "_CHUNK_ELEMS", 1 << 14)
     q, k, v = (torch.randn(32, 1, 512, 16, requires_grad=True) for _ in range(3))
     opts = dict(causal=True, block_size=16, top_k=8, init_blocks=1, local_blocks=1)

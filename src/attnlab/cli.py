@@ -6,6 +6,7 @@ import argparse
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,6 +131,20 @@ def _writable(out: str) -> str | None:
         return f"cannot write results to --out {out!r}: {e.strerror or e}"
 
 
+@contextmanager
+def _progress(timed: bool = False):
+    """A transient rich progress bar (with elapsed and remaining time when ``timed``), or None
+    without rich. Only the import is guarded: an ImportError from the work itself propagates."""
+    try:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    except ImportError:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*(columns if timed else ()), transient=True) as progress:
+        yield progress
+
+
 def cmd_quality(args) -> int:
     from attnlab.bench import report
     from attnlab.bench.quality import mechanisms, policies, suite
@@ -142,24 +157,21 @@ def cmd_quality(args) -> int:
     info = report.banner(device)
     print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
     tasks = args.tasks or list(suite.PRESETS[args.preset].tasks)
-    run_kw = {"smoke": args.smoke, "device": device, "policies": pols}
     t0 = time.perf_counter()
     try:
-        try:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-            with Progress(*columns, transient=True) as progress:
-                rows, more = suite.run(names, args.preset, tasks, progress=progress, **run_kw)
-        except ImportError:
-            rows, more = suite.run(names, args.preset, tasks, **run_kw)
+        with _progress(timed=True) as progress:
+            rows, more = suite.run(
+                names, args.preset, tasks, smoke=args.smoke, progress=progress, device=device, policies=pols
+            )
     except suite.NothingToTrain as e:
         print(f"attnlab bench: error: {e}", file=sys.stderr)
         return 2
     notes += more
     wall = time.perf_counter() - t0
-    meta = {"suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "policies": pols}
-    meta["wall_s"] = wall
+    meta = {
+        "suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "policies": pols,
+        "wall_s": wall,
+    }  # fmt: skip
     out = qreport.write(rows, notes, info, meta, args.out)
     qreport.table(rows, notes, info)
     print(qreport.plot(rows, out))
@@ -199,13 +211,8 @@ def cmd_bench(args) -> int:
         device=device,
     )
     names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
-    try:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as progress:
-            rows, gate = efficiency.run(names, progress=progress, **kwargs)
-    except ImportError:
-        rows, gate = efficiency.run(names, **kwargs)
+    with _progress() as progress:
+        rows, gate = efficiency.run(names, progress=progress, **kwargs)
     dict_rows = efficiency.rows_as_dicts(rows)
     report.table(dict_rows, info)
     print(efficiency.FLOP_RULE)

@@ -61,7 +61,6 @@ class _Gather:
         self.valid = (kvb >= 0).reshape(-1, self.V)  # [R, V]: False on padding slots
         self.masked = not bool(((layout.kv_blocks >= 0) & ~layout.partial).all())  # padding or partial
         self.part_of, self.part_ok = self._partial(B, Hkv)
-        self.has_key = torch.ones(self.valid.shape[0], self.G * self.Bq, dtype=torch.bool)  # set by forward
         per = self.V * self.Bk * (q.shape[-1] + self.G * self.Bq)  # gathered K + mask elements per item
         self.chunk = max(1, _CHUNK_ELEMS // per)
 
@@ -89,12 +88,12 @@ class _Gather:
         flat = x.reshape(-1, self.Bk * D)  # [B*Hkv*nKB, Bk*D] whole blocks as rows
         return flat.index_select(0, self.rows_idx[lo:hi].flatten()).view(1, hi - lo, self.V * self.Bk, D)
 
-    def mask_of(self, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        """Additive mask [1, hi-lo, G*Bq, V*Bk] of items lo:hi and their rows' has-a-key [hi-lo, G*Bq],
-        or (None, None) when every slot is a full block."""
-        if not self.masked:
-            return None, None
+    def mask_of(self, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
+        """Additive mask [1, hi-lo, G*Bq, V*Bk] of items lo:hi (None when every slot is a full block)
+        and their rows' has-a-key [hi-lo, G*Bq]."""
         c, rows = hi - lo, self.G * self.Bq
+        if not self.masked:
+            return None, torch.ones(c, rows, dtype=torch.bool)
         ok = self.valid[lo:hi].view(c, 1, self.V, 1).expand(c, rows, self.V, self.Bk).clone()
         at = self.part_of[lo:hi]
         i, j = (at >= 0).nonzero(as_tuple=True)
@@ -122,17 +121,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Gather) -> tuple[Tensor, Tenso
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty(qb.shape)
     lse = torch.empty(qb.shape[:2], dtype=lse_dtype)
+    has_key = torch.empty(qb.shape[:2], dtype=torch.bool)
     for lo, hi in c.chunks():
-        mask, has_key = c.mask_of(lo, hi, q.dtype)
-        if has_key is not None:
-            c.has_key[lo:hi] = has_key
+        mask, has_key[lo:hi] = c.mask_of(lo, hi, q.dtype)
         o, l_ = _flash(qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi), 0.0, False, attn_mask=mask,
                        scale=c.scale)  # fmt: skip
         out[lo:hi], lse[lo:hi] = o[0], l_[0]
     # The CPU flash kernel returns out 0 and lse 0 for a fully masked row; a row with no key has lse -inf.
-    if not bool(c.has_key.all()):
-        out.masked_fill_(~c.has_key.unsqueeze(-1), 0)
-        lse.masked_fill_(~c.has_key, float("-inf"))
+    if not bool(has_key.all()):
+        out.masked_fill_(~has_key.unsqueeze(-1), 0)
+        lse.masked_fill_(~has_key, float("-inf"))
     B = q.shape[0]
     return _unblocks(out, c, B), _unblocks(lse.unsqueeze(-1), c, B).squeeze(-1)
 
