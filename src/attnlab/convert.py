@@ -131,7 +131,7 @@ def cluster_heads(features: Tensor, groups: int) -> tuple[int, ...]:
         raise ValueError(f"kv_heads must be an int in [1, {H}] (the number of head groups), got {groups!r}")
     members = [[h] for h in range(H)]
     means = features.double().clone()
-    sizes = torch.ones(H, dtype=torch.float64)
+    sizes = torch.ones(H, dtype=torch.float64, device=features.device)
     while len(members) > groups:
         sq = means.square().sum(1)
         d2 = (sq[:, None] + sq[None, :] - 2 * means @ means.T).clamp(min=0)  # [n, n] squared distances

@@ -144,8 +144,8 @@ def _document_example(S: int) -> dict:
 
 def _region_example(S: int) -> dict:
     """Text (group 0) sees everything; two subjects (1, 2) see themselves and the text."""
-    groups = (torch.arange(S) * 3 // max(S, 1)).clamp(max=2)
-    rules = torch.tensor([[True, True, True], [True, True, False], [True, False, True]])
+    groups = (torch.arange(S) * 3 // max(S, 1)).clamp(max=2)  # host: example option
+    rules = torch.tensor([[True, True, True], [True, True, False], [True, False, True]])  # host: example option
     return {"groups": groups, "rules": rules}
 
 
@@ -303,7 +303,8 @@ MECHANISMS: list[Mechanism] = [
         {"sdpa": Impl(moh.attention)},
         moh.check_options,
         moh.DEFAULTS,
-        example=lambda S: {"gates": torch.full((1, 1, 1, 1), 0.75)},  # per-token gates need T: tests/test_moh.py
+        # per-token gates need T: tests/test_moh.py
+        example=lambda S: {"gates": torch.full((1, 1, 1, 1), 0.75)},  # host: example option
         oracle=moh.oracle,
     ),
     Mechanism(

@@ -42,7 +42,7 @@ def overlap(selections: list[Tensor]) -> Tensor:
     """T[i, j] = mean over (batch, kv head, query block) of |Top_i ∩ Top_j| / |Top_j|, from each
     layer's kept blocks (bool [B, Hkv, nQB, nKB], e.g. ``BlockSelection.blocks``)."""
     L = len(selections)
-    out = torch.eye(L, dtype=torch.float64)
+    out = torch.eye(L, dtype=torch.float64, device=selections[0].device if L else None)
     for j in range(L):
         size = selections[j].sum(-1).clamp(min=1).double()
         for i in range(j):
@@ -76,7 +76,7 @@ def plan(T: Tensor, max_computes: int, rollback=()) -> list[int]:
     rollback = set(rollback)
     if len(rollback | {0}) > max_computes:
         raise ValueError(f"max_computes={max_computes} is below the layers that must compute ({len(rollback | {0})})")
-    levels = sorted({1.0, *[float(x) for x in T[torch.triu_indices(L, L, 1).unbind()]]}, reverse=True)
+    levels = sorted({1.0, *[float(x) for x in T[torch.triu_indices(L, L, 1, device=T.device).unbind()]]}, reverse=True)
     for level in levels:  # the best reachable minimum: the highest level with a feasible plan
         best = _best_sum(T, max_computes, rollback, level)
         if best is not None:

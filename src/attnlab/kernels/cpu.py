@@ -77,7 +77,8 @@ class _Ctx:
         self.rows = self.G * self.Bq
         N = (self.B // self.Bl) * (self.Hkv // self.Hl)
         self.plan, self._masks = _get_plan(layout, N * max(self.D, 1), self.rows)
-        self.q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
+        self.device = q.device
+        self.q_pos = torch.arange(self.Bq, device=q.device).repeat(self.G)  # row r of a folded block: token r % Bq
 
     def keys(self, x: Tensor, g: _Group) -> tuple[Tensor, Tensor | None]:
         """The group's key runs from padded x [B, Hkv, S_pad, E]: [N, m, span, E] and the token
@@ -95,7 +96,7 @@ class _Ctx:
         # Whole blocks as rows of [N * nKB, Bk * E]: index_select over dim 0 copies Bk * E elements
         # per index and runs on every thread (its dim-1 path is a serial loop).
         nKB = xs.shape[1] // self.Bk
-        rows = (torch.arange(N).unsqueeze(1) * nKB + g.blocks.flatten()).flatten()  # [N * m * L]
+        rows = (torch.arange(N, device=x.device).unsqueeze(1) * nKB + g.blocks.flatten()).flatten()  # [N * m * L]
         return xs.view(N * nKB, self.Bk * E).index_select(0, rows).view(N, m, span, E), idx
 
     def square(self, x: Tensor, g: _Group) -> Tensor:
@@ -143,8 +144,8 @@ class _Ctx:
         part = self._partial_flags(g)  # [m, L]
         i, j = part.nonzero(as_tuple=True)  # [P] the partial (query block, key block) pairs
         q_idx = g.items[i].unsqueeze(1) * self.Bq + self.q_pos  # [P, rows]
-        kv_idx = g.blocks[i, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk)  # [P, Bk]
-        bt, ht = torch.tensor(g.b), torch.tensor(g.h)
+        kv_idx = g.blocks[i, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk, device=self.device)  # [P, Bk]
+        bt, ht = torch.tensor(g.b, device=self.device), torch.tensor(g.h, device=self.device)
         ok = self.layout.mask_mod(
             bt, ht, q_idx.clamp(max=self.T - 1).unsqueeze(2), kv_idx.clamp(max=self.S - 1).unsqueeze(1)
         )
@@ -155,8 +156,8 @@ class _Ctx:
             per = len(i) // m  # the same partial slots in every query block (i is sorted)
             if bool((ok.view(m, per, self.rows, self.Bk) == ok[:per]).all()):
                 m, i, j, ok = 1, i[:per], j[:per], ok[:per]  # translation-invariant: one shared mask
-        add = torch.zeros(m, self.rows, L, self.Bk, dtype=dtype)
-        add[i, :, j] = torch.zeros((), dtype=dtype).masked_fill(~ok, float("-inf"))
+        add = torch.zeros(m, self.rows, L, self.Bk, dtype=dtype, device=self.device)
+        add[i, :, j] = torch.zeros((), dtype=dtype, device=self.device).masked_fill(~ok, float("-inf"))
         return add.view(1, m, self.rows, L * self.Bk), has_key
 
     def _partial_flags(self, g: _Group) -> Tensor:
@@ -174,8 +175,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Uninitialized: every visited block is written below; blocks no run visits are zeroed after.
     out = q.new_empty(c.B, c.Hkv, c.nQB, c.rows, Dv)
-    lse = torch.empty((c.B, c.Hkv, c.nQB, c.rows), dtype=lse_dtype)
-    seen = torch.zeros(c.Bl, c.Hl, c.nQB, dtype=torch.bool)
+    lse = torch.empty((c.B, c.Hkv, c.nQB, c.rows), dtype=lse_dtype, device=q.device)
+    seen = torch.zeros(c.Bl, c.Hl, c.nQB, dtype=torch.bool, device=q.device)
     for g in c.plan:
         sel = g.sel
         if g.square:
@@ -217,9 +218,9 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     # Rows with no key: +inf makes every probability exp(s - inf) = 0, so their gradients are 0.
     lb = _to_blocks(lse.masked_fill(torch.isneginf(lse), float("inf")), c.Hkv, c.Bq, c.nQB)
     kp, vp = _pad_keys(k, c.S_pad), _pad_keys(v, c.S_pad)
-    dq = torch.zeros(qb.shape, dtype=acc)
-    dk = torch.zeros(kp.shape, dtype=acc)
-    dv = torch.zeros(vp.shape, dtype=acc)
+    dq = torch.zeros(qb.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(kp.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(vp.shape, dtype=acc, device=q.device)
     lse_acc = torch.float32 if acc == torch.float32 else acc
     for g in c.plan:
         sl, sel = (g.b, g.h, c.Bl, c.Hl), g.sel

@@ -56,7 +56,8 @@ class _Gather:
         self.nQB, self.nKB = layout.n_q_blocks, layout.n_k_blocks
         kvb = layout.kv_blocks.expand(B, Hkv, -1, -1)  # [B, Hkv, nQB, V]
         self.V = kvb.shape[-1]
-        slice_id = torch.arange(B * Hkv).view(B, Hkv, 1, 1)
+        self.device = dev = q.device
+        slice_id = torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1)
         self.rows_idx = (slice_id * self.nKB + kvb.clamp(min=0)).reshape(-1, self.V)  # [R, V] block rows
         self.valid = (kvb >= 0).reshape(-1, self.V)  # [R, V]: False on padding slots
         self.masked = not bool(((layout.kv_blocks >= 0) & ~layout.partial).all())  # padding or partial
@@ -71,15 +72,16 @@ class _Gather:
         whole batch's [R, G*Bq, V*Bk] mask never exists."""
         lay = self.layout
         b, h, n, j = lay.partial.nonzero(as_tuple=True)  # [P]
-        q_pos = torch.arange(self.Bq).repeat(self.G)  # row r of a folded block is token r % Bq
+        dev = self.device
+        q_pos = torch.arange(self.Bq, device=dev).repeat(self.G)  # row r of a folded block is token r % Bq
         q_idx = (n.unsqueeze(1) * self.Bq + q_pos).clamp(max=self.T - 1).unsqueeze(2)  # [P, rows, 1]
-        kv_idx = lay.kv_blocks[b, h, n, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk)  # [P, Bk]
+        kv_idx = lay.kv_blocks[b, h, n, j].unsqueeze(1) * self.Bk + torch.arange(self.Bk, device=dev)  # [P, Bk]
         # One vmapped call over all slices: mask_mods see 0-d b and h, as the contract (and Flex) has it.
         ok = torch.vmap(lay.mask_mod)(b, h, q_idx, kv_idx.clamp(max=self.S - 1).unsqueeze(1)) if len(n) else None
-        part_ok = torch.zeros(0, self.G * self.Bq, self.Bk, dtype=torch.bool) if ok is None else ok
+        part_ok = torch.zeros(0, self.G * self.Bq, self.Bk, dtype=torch.bool, device=dev) if ok is None else ok
         part_ok = part_ok & (kv_idx < self.S).unsqueeze(1)  # padding keys past S
-        part_of = torch.full(lay.partial.shape, -1, dtype=torch.long)  # [Bl, Hl, nQB, V]
-        part_of[b, h, n, j] = torch.arange(len(n))
+        part_of = torch.full(lay.partial.shape, -1, dtype=torch.long, device=dev)  # [Bl, Hl, nQB, V]
+        part_of[b, h, n, j] = torch.arange(len(n), device=dev)
         return part_of.expand(B, Hkv, -1, -1).reshape(-1, self.V), part_ok
 
     def keys(self, x: Tensor, lo: int, hi: int) -> Tensor:
@@ -93,13 +95,13 @@ class _Gather:
         and their rows' has-a-key [hi-lo, G*Bq]."""
         c, rows = hi - lo, self.G * self.Bq
         if not self.masked:
-            return None, torch.ones(c, rows, dtype=torch.bool)
+            return None, torch.ones(c, rows, dtype=torch.bool, device=self.device)
         ok = self.valid[lo:hi].view(c, 1, self.V, 1).expand(c, rows, self.V, self.Bk).clone()
         at = self.part_of[lo:hi]
         i, j = (at >= 0).nonzero(as_tuple=True)
         ok[i, :, j] = self.part_ok[at[i, j]]  # [p, rows, Bk]
         ok = ok.view(c, rows, self.V * self.Bk)
-        return torch.zeros((), dtype=dtype).masked_fill(~ok, float("-inf")).unsqueeze(0), ok.any(-1)
+        return torch.zeros((), dtype=dtype, device=ok.device).masked_fill(~ok, float("-inf")).unsqueeze(0), ok.any(-1)
 
     def chunks(self):
         R = self.rows_idx.shape[0]
@@ -120,8 +122,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Gather) -> tuple[Tensor, Tenso
     qb, kp, vp = _blocks(q, c), _pad_keys(k, c.nKB * c.Bk), _pad_keys(v, c.nKB * c.Bk)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty(qb.shape)
-    lse = torch.empty(qb.shape[:2], dtype=lse_dtype)
-    has_key = torch.empty(qb.shape[:2], dtype=torch.bool)
+    lse = torch.empty(qb.shape[:2], dtype=lse_dtype, device=q.device)
+    has_key = torch.empty(qb.shape[:2], dtype=torch.bool, device=q.device)
     for lo, hi in c.chunks():
         mask, has_key[lo:hi] = c.mask_of(lo, hi, q.dtype)
         o, l_ = _flash(qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi), 0.0, False, attn_mask=mask,
@@ -142,8 +144,8 @@ def _backward(dout, q, k, v, out, lse, c: _Gather):
     lb = _blocks(lse.masked_fill(torch.isneginf(lse), float("inf")).unsqueeze(-1), c).squeeze(-1).to(acc)
     kp, vp = _pad_keys(k, c.nKB * c.Bk), _pad_keys(v, c.nKB * c.Bk)
     D = kp.shape[-1]
-    dq = torch.empty(qb.shape, dtype=q.dtype)
-    dk = torch.zeros(kp.numel() // (c.Bk * D), c.Bk * D, dtype=acc)  # whole blocks as rows
+    dq = torch.empty(qb.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(kp.numel() // (c.Bk * D), c.Bk * D, dtype=acc, device=q.device)  # whole blocks as rows
     dv = torch.zeros_like(dk)
     for lo, hi in c.chunks():
         mask, _ = c.mask_of(lo, hi, q.dtype)

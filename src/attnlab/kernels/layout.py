@@ -9,9 +9,10 @@ blocks exactly by evaluating the predicate only inside that range, so building n
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,24 @@ from torch import Tensor
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-_BLOCK = {"q": 64, "k": 64}
+# Default tiles per device type: 64 is the measured sweet spot of the CPU path; FlexAttention's
+# CUDA kernel is tuned for (and defaults to) 128 x 128 sparse blocks.
+_DEVICE_BLOCK = {"cuda": (128, 128)}
+_CPU_BLOCK = (64, 64)
+_BLOCK: dict[str, int | None] = {"q": None, "k": None}  # set by ``block_size(...)``: overrides the default
 _EVAL_BUDGET = 1 << 23  # predicate evaluations held at once while classifying blocks
 
 
-def block_sizes() -> tuple[int, int]:
-    """The current (query, key) block sizes used when building layouts. Default (64, 64)."""
-    return _BLOCK["q"], _BLOCK["k"]
+def block_sizes(device: torch.device | str | None = None) -> tuple[int, int]:
+    """The (query, key) block sizes for layouts that run on ``device``.
+
+    The sizes set by :func:`block_size` when one is active; otherwise (128, 128) on CUDA (Flex's
+    tile) and (64, 64) elsewhere. ``None`` means the host (CPU) default.
+    """
+    if _BLOCK["q"] is not None:
+        return _BLOCK["q"], _BLOCK["k"]
+    kind = torch.device(device).type if device is not None else "cpu"
+    return _DEVICE_BLOCK.get(kind, _CPU_BLOCK)
 
 
 @contextmanager
@@ -33,7 +45,8 @@ def block_size(q: int, k: int | None = None):
     """Tune the executor's tiles: ``with attnlab.kernels.block_size(128): ...``.
 
     Smaller blocks waste less area on partial blocks; larger ones run longer GEMMs. 64 is the
-    measured sweet spot on CPU for windows of a few hundred keys.
+    measured sweet spot on CPU for windows of a few hundred keys. While active it overrides the
+    per-device default of :func:`block_sizes` on every device.
     """
     k = q if k is None else k
     for name, val in (("q", q), ("k", k)):
@@ -47,6 +60,9 @@ def block_size(q: int, k: int | None = None):
         _BLOCK.update(old)
 
 
+_MOVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layout -> {device: moved layout}
+
+
 @dataclass(frozen=True, eq=False)
 class BlockLayout:
     """For each (batch slice, kv-head slice, query block): the visited key blocks.
@@ -55,6 +71,10 @@ class BlockLayout:
     partial   [Bl, Hl, nQB, V] bool, True where the block needs ``mask_mod`` (others run unmasked).
     Bl is 1 (shared by the batch) or B; Hl is 1 (shared by heads) or Hkv. ``mask_mod`` receives the
     slice's batch and kv-head index as 0-d tensors.
+
+    Layouts are host-side planning data: mechanisms build them once per shape and options, on the
+    CPU, and :meth:`to` moves one to the device it runs on (once; the moved copy is cached). The
+    invariant: ``mask_mod`` reads only tensors on the device of ``kv_blocks``.
     """
 
     T: int
@@ -69,6 +89,10 @@ class BlockLayout:
     order: Tensor | None = None
     # Made from this call's data (a selection): a fresh layout every call, so no plan is ever reused.
     selected: bool = False
+    # Predicates that read tensors (document ids, group tables, tile orders) must be rebuilt to run
+    # on another device: ``rebind(device)`` returns the same predicate reading copies on ``device``.
+    # None: the predicate reads only Python scalars and runs anywhere as it is.
+    rebind: Callable[[torch.device], MaskMod] | None = None
 
     @property
     def n_q_blocks(self) -> int:
@@ -78,6 +102,30 @@ class BlockLayout:
     def n_k_blocks(self) -> int:
         return math.ceil(self.S / self.block_k)
 
+    @property
+    def device(self) -> torch.device:
+        return self.kv_blocks.device
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        """This layout with its tensors and its predicate's tensors on ``device``.
+
+        Cached per (layout, device) and held weakly by the layout, so a model calling the same
+        layout in every layer moves it once. Returns ``self`` when it already lives on ``device``.
+        """
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        moved = _MOVED.setdefault(self, {})
+        if device not in moved:
+            moved[device] = replace(
+                self,
+                kv_blocks=self.kv_blocks.to(device),
+                partial=self.partial.to(device),
+                order=None if self.order is None else self.order.to(device),
+                mask_mod=self.mask_mod if self.rebind is None else self.rebind(device),
+            )
+        return moved[device]
+
     def block_density(self) -> float:
         """Visited blocks / all blocks, averaged over slices."""
         visited = (self.kv_blocks >= 0).sum().item()
@@ -85,22 +133,32 @@ class BlockLayout:
 
     def allowed_count(self) -> int:
         """Exact number of allowed (q, k) pairs, summed over slices; costs O(partial-block area)."""
-        Bq, Bk = self.block_q, self.block_k
+        Bq, Bk, dev = self.block_q, self.block_k, self.device
         total = 0
         for b in range(self.kv_blocks.shape[0]):
             for h in range(self.kv_blocks.shape[1]):
                 kvb, part = self.kv_blocks[b, h], self.partial[b, h]
-                n = torch.arange(self.n_q_blocks).unsqueeze(1).expand_as(kvb)
+                n = torch.arange(self.n_q_blocks, device=dev).unsqueeze(1).expand_as(kvb)
                 rows = torch.clamp((n + 1) * Bq, max=self.T) - n * Bq
                 cols = torch.clamp((kvb + 1) * Bk, max=self.S) - kvb * Bk
                 full = (kvb >= 0) & ~part
                 total += int((rows * cols)[full].sum())
+                bt, ht = torch.tensor(b, device=dev), torch.tensor(h, device=dev)
                 for n_i, kb in zip(*torch.nonzero(part, as_tuple=True)):
-                    qi = torch.arange(n_i * Bq, min((n_i + 1) * Bq, self.T)).unsqueeze(1)
+                    qi = torch.arange(n_i * Bq, min((n_i + 1) * Bq, self.T), device=dev).unsqueeze(1)
                     kb_ = int(kvb[n_i, kb])
-                    ki = torch.arange(kb_ * Bk, min((kb_ + 1) * Bk, self.S)).unsqueeze(0)
-                    total += int(self.mask_mod(torch.tensor(b), torch.tensor(h), qi, ki).sum())
+                    ki = torch.arange(kb_ * Bk, min((kb_ + 1) * Bk, self.S), device=dev).unsqueeze(0)
+                    total += int(self.mask_mod(bt, ht, qi, ki).sum())
         return total
+
+
+def take(table: Tensor, *indices: Tensor) -> Tensor:
+    """``table[i0, i1, ...]`` for predicates, with every index a tensor (0-d ones included).
+
+    Plain ``table[b, idx]`` turns a 0-d ``b`` into a Python int: a device sync on CUDA and an
+    error on ``meta``. Tensor indexing broadcasts the indices instead, on any device and under vmap.
+    """
+    return torch.ops.aten.index(table, list(indices))
 
 
 def _candidates(ranges: list[tuple[Tensor, Tensor]], nKB: int, Bk: int) -> Tensor:
@@ -110,7 +168,7 @@ def _candidates(ranges: list[tuple[Tensor, Tensor]], nKB: int, Bk: int) -> Tenso
         first = torch.clamp(lo // Bk, 0, nKB)
         last = torch.clamp((hi + Bk - 1) // Bk, 0, nKB)  # exclusive
         C = max(int((last - first).max()), 0)
-        cand = first.unsqueeze(1) + torch.arange(C)
+        cand = first.unsqueeze(1) + torch.arange(C)  # host: layout planning
         cols.append(torch.where(cand < last.unsqueeze(1), cand, -1))
     cand = torch.cat(cols, dim=1).sort(dim=1).values
     dup = F.pad(cand[:, 1:] == cand[:, :-1], (1, 0), value=False)
@@ -120,15 +178,16 @@ def _candidates(ranges: list[tuple[Tensor, Tensor]], nKB: int, Bk: int) -> Tenso
 def _slice_blocks(mask_mod: MaskMod, b: int, h: int, T: int, S: int, Bq: int, Bk: int, cand: Tensor):
     """Classify one slice's candidate blocks: (nonempty, full), each [nQB, C]."""
     nQB, C = cand.shape
-    nonempty = torch.zeros(nQB, C, dtype=torch.bool)
-    full = torch.zeros(nQB, C, dtype=torch.bool)
-    bt, ht = torch.tensor(b), torch.tensor(h)
+    nonempty = torch.zeros(nQB, C, dtype=torch.bool)  # host: layout planning
+    full = torch.zeros(nQB, C, dtype=torch.bool)  # host: layout planning
+    bt, ht = torch.tensor(b), torch.tensor(h)  # host: layout planning
     step = max(1, _EVAL_BUDGET // (Bq * max(C, 1) * Bk))
     for n0 in range(0, nQB, step):
-        n = torch.arange(n0, min(nQB, n0 + step))
+        n = torch.arange(n0, min(nQB, n0 + step))  # host: layout planning
         kb = cand[n]  # [m, C]
-        q_idx = (n.unsqueeze(1) * Bq + torch.arange(Bq)).view(-1, Bq, 1, 1)  # [m, Bq, 1, 1]
-        kv_idx = (kb.clamp(min=0).unsqueeze(-1) * Bk + torch.arange(Bk)).unsqueeze(1)  # [m, 1, C, Bk]
+        rq, rk = torch.arange(Bq), torch.arange(Bk)  # host: layout planning
+        q_idx = (n.unsqueeze(1) * Bq + rq).view(-1, Bq, 1, 1)  # [m, Bq, 1, 1]
+        kv_idx = (kb.clamp(min=0).unsqueeze(-1) * Bk + rk).unsqueeze(1)  # [m, 1, C, Bk]
         real_q, real_k = q_idx < T, (kv_idx < S) & (kb >= 0).view(-1, 1, C, 1)
         allowed = mask_mod(bt, ht, q_idx.clamp(max=T - 1), kv_idx.clamp(max=S - 1)) & real_q & real_k
         nonempty[n] = allowed.any(dim=3).any(dim=1)
@@ -146,25 +205,28 @@ def build_layout(
     batch: int = 1,
     heads: int = 1,
     block: tuple[int, int] | None = None,
+    rebind: Callable[[torch.device], MaskMod] | None = None,
 ) -> BlockLayout:
-    """Evaluate ``mask_mod`` inside ``key_ranges`` and return the exact block layout.
+    """Evaluate ``mask_mod`` inside ``key_ranges`` and return the exact block layout (on the host).
 
     key_ranges: a list of ``(lo, hi)`` int64 [nQB] token bounds (half-open) whose union contains
     every allowed key of each query block; loose is fine, tight is a bug. ``None`` means all keys
     (O(T*S) evaluations). batch/heads: distinct predicate slices (1 when it ignores b / h).
+    rebind: see ``BlockLayout.rebind``; required when ``mask_mod`` reads tensors.
     """
     Bq, Bk = block or block_sizes()
     nQB, nKB = math.ceil(T / Bq), math.ceil(S / Bk)
     if T == 0 or S == 0:
-        empty = torch.zeros(batch, heads, nQB, 0, dtype=torch.long)
-        return BlockLayout(T, S, Bq, Bk, empty, empty.bool(), mask_mod)
+        empty = torch.zeros(batch, heads, nQB, 0, dtype=torch.long)  # host: layout planning
+        return BlockLayout(T, S, Bq, Bk, empty, empty.bool(), mask_mod, rebind=rebind)
     if key_ranges is None:
-        key_ranges = [(torch.zeros(nQB, dtype=torch.long), torch.full((nQB,), S, dtype=torch.long))]
-    cand = _candidates([(torch.as_tensor(lo), torch.as_tensor(hi)) for lo, hi in key_ranges], nKB, Bk)
+        key_ranges = [(torch.zeros(nQB, dtype=torch.long), torch.full((nQB,), S))]  # host: layout planning
+    key_ranges = [(torch.as_tensor(lo).cpu(), torch.as_tensor(hi).cpu()) for lo, hi in key_ranges]  # host: planning
+    cand = _candidates(key_ranges, nKB, Bk)
     per_slice = [_slice_blocks(mask_mod, b, h, T, S, Bq, Bk, cand) for b in range(batch) for h in range(heads)]
     V = max(max(int(ne.sum(1).max()) for ne, _ in per_slice), 0) if cand.shape[1] else 0
-    kv_blocks = torch.full((batch * heads, nQB, V), -1, dtype=torch.long)
-    partial = torch.zeros(batch * heads, nQB, V, dtype=torch.bool)
+    kv_blocks = torch.full((batch * heads, nQB, V), -1, dtype=torch.long)  # host: layout planning
+    partial = torch.zeros(batch * heads, nQB, V, dtype=torch.bool)  # host: layout planning
     for s, (nonempty, full) in enumerate(per_slice):
         sort_key = torch.where(nonempty, cand, torch.iinfo(torch.long).max)
         order = sort_key.argsort(dim=1, stable=True)[:, :V]  # visited blocks first, ascending
@@ -172,13 +234,13 @@ def build_layout(
         kv_blocks[s] = torch.where(keep, cand.gather(1, order), -1)
         partial[s] = keep & ~full.gather(1, order)
     shape = (batch, heads, nQB, V)
-    return BlockLayout(T, S, Bq, Bk, kv_blocks.view(shape), partial.view(shape), mask_mod)
+    return BlockLayout(T, S, Bq, Bk, kv_blocks.view(shape), partial.view(shape), mask_mod, rebind=rebind)
 
 
 def query_positions(T: int, S: int, block_q: int | None = None) -> tuple[Tensor, Tensor]:
     """Key-axis positions (bottom-right aligned) of each query block's first and last row, [nQB]."""
     Bq = block_q or block_sizes()[0]
-    n = torch.arange(math.ceil(T / Bq))
+    n = torch.arange(math.ceil(T / Bq))  # host: layout planning
     first = n * Bq + (S - T)
     last = torch.clamp((n + 1) * Bq, max=T) - 1 + (S - T)
     return first, last
@@ -226,9 +288,10 @@ def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> t
     hi = torch.maximum(hi.clamp(max=S), lo)
     real = hi > lo
     first, last = -(-lo // Bk), hi // Bk  # the whole blocks inside are first .. last - 1
-    cell = (torch.arange(rows) // Bq * W).unsqueeze(1)  # [rows, 1] the row's query block in flat cells
+    # [rows, 1]: each row's query block, in flat cells
+    cell = (torch.arange(rows) // Bq * W).unsqueeze(1)  # host: layout planning
     inner = ((first < last).int() * Bk).flatten()
-    cov = torch.zeros(nQB * W, dtype=torch.int32)
+    cov = torch.zeros(nQB * W, dtype=torch.int32)  # host: layout planning
     cov.scatter_add_(0, (cell + first).flatten(), inner).scatter_add_(0, (cell + last).flatten(), -inner)
     cov = cov.view(nQB, W).cumsum(1, dtype=torch.int32).flatten()
     head = torch.where(real & (lo % Bk != 0), torch.minimum(hi, first * Bk) - lo, 0).int()
@@ -236,8 +299,9 @@ def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> t
     cov.scatter_add_(0, (cell + lo // Bk).flatten(), head.flatten())
     cov.scatter_add_(0, (cell + last.clamp(max=nKB)).flatten(), tail.flatten())
     cov = cov.view(nQB, W)[:, :nKB]
-    width = (S - torch.arange(nKB) * Bk).clamp(max=Bk).int()  # [nKB]
-    n_rows = (rows - torch.arange(nQB) * Bq).clamp(max=Bq).int()  # [nQB] real rows per query block
+    kb, qb = torch.arange(nKB), torch.arange(nQB)  # host: layout planning
+    width = (S - kb * Bk).clamp(max=Bk).int()  # [nKB]
+    n_rows = (rows - qb * Bq).clamp(max=Bq).int()  # [nQB] real rows per query block
     return cov > 0, cov == n_rows.unsqueeze(1) * width
 
 
@@ -283,7 +347,7 @@ def causal_blocks(T: int, S: int, block: int, causal: bool) -> tuple[Tensor, Ten
     ``every`` — every real row sees every key of it (a rule that allows the block may run it unmasked).
     Rows at negative positions (T > S) see nothing."""
     first, last = query_positions(T, S, block)
-    J = torch.arange(math.ceil(S / block)).view(1, -1)
+    J = torch.arange(math.ceil(S / block)).view(1, -1)  # host: layout planning
     p0, p1 = first.view(-1, 1), last.view(-1, 1)
     some = (p1 >= 0).expand(len(first), J.shape[1])
     every = (p0 >= 0).expand_as(some)

@@ -36,7 +36,7 @@ class TileOrder:
     def __init__(self, shape: tuple[int, ...], tile: tuple[int, ...]):
         self.shape, self.tile = shape, tile
         self.grid = tuple(math.ceil(n / t) for n, t in zip(shape, tile))
-        coords = _coords(torch.arange(math.prod(shape)), shape)
+        coords = _coords(torch.arange(math.prod(shape)), shape)  # host: layout planning
         tile_id = self._tile_id([c // t for c, t in zip(coords, tile)])
         inner = torch.zeros_like(tile_id)
         for c, t in zip(coords, tile):

@@ -46,7 +46,7 @@ class _Group:
 
     def key_index(self, Bk: int) -> Tensor:
         """Token index of every key in the call, [m, L * Bk]."""
-        return (self.blocks.unsqueeze(-1) * Bk + torch.arange(Bk)).flatten(1)
+        return (self.blocks.unsqueeze(-1) * Bk + torch.arange(Bk)).flatten(1)  # host: CPU plan
 
     @property
     def sel(self) -> slice | Tensor:
@@ -106,7 +106,7 @@ def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8, min_segme
             while j + 1 < m and st[j + 1] - st[j] == d:
                 j += 1
             j += 1
-        (parts if j - i >= min_segment else rest).append(torch.arange(i, j))
+        (parts if j - i >= min_segment else rest).append(torch.arange(i, j))  # host: CPU plan
         i = j
     out = [(items[ix], starts[ix]) for ix in parts]
     if rest:
@@ -166,7 +166,7 @@ def _staircases(layout: BlockLayout, runs_info):
     idx = cand.nonzero().flatten()
     diag_ok = _diagonal_is_causal(layout, n[idx], last[idx])
     idx = idx[diag_ok]
-    groups, used = [], torch.zeros(len(n), dtype=torch.bool)
+    groups, used = [], torch.zeros(len(n), dtype=torch.bool)  # host: CPU plan
     i = 0
     items, starts = n[idx].tolist(), start[idx].tolist()
     while i < len(idx):
@@ -174,12 +174,12 @@ def _staircases(layout: BlockLayout, runs_info):
         while j < len(idx) and items[j] == items[j - 1] + 1 and starts[j] == starts[i]:
             j += 1
         if j - i >= 2:
-            seg = torch.tensor(items[i:j])
+            seg = torch.tensor(items[i:j])  # host: CPU plan
             d0 = int(last[idx[i]])
             if d0 > starts[i]:  # the prefix every row of the stretch sees in full
-                blocks = (starts[i] + torch.arange(d0 - starts[i])).expand(len(seg), -1)
+                blocks = (starts[i] + torch.arange(d0 - starts[i])).expand(len(seg), -1)  # host: CPU plan
                 groups.append(_Group(0, 0, seg, blocks, False, 0))
-            diag = (d0 + torch.arange(len(seg))).unsqueeze(1)
+            diag = (d0 + torch.arange(len(seg))).unsqueeze(1)  # host: CPU plan
             groups.append(_Group(0, 0, seg, diag, False, None, square=True))
             used[idx[i:j]] = True
         i = j
@@ -190,10 +190,10 @@ def _staircases(layout: BlockLayout, runs_info):
 def _diagonal_is_causal(layout: BlockLayout, items: Tensor, diag: Tensor) -> Tensor:
     """Whether each diagonal block's mask equals j <= i (rows past T don't count). [m] bool."""
     B, T, S = layout.block_q, layout.T, layout.S
-    r = torch.arange(B)
+    r = torch.arange(B)  # host: CPU plan
     q_idx = items.view(-1, 1, 1) * B + r.view(1, -1, 1)
     kv_idx = diag.view(-1, 1, 1) * B + r.view(1, 1, -1)
-    zero = torch.tensor(0)
+    zero = torch.tensor(0)  # host: CPU plan
     allowed = layout.mask_mod(zero, zero, q_idx.clamp(max=T - 1), kv_idx.clamp(max=S - 1)) & (kv_idx < S)
     tril = r.view(-1, 1) >= r.view(1, -1)
     ok = (allowed == tril) | (q_idx >= T)
@@ -215,7 +215,7 @@ def _run_groups(n, ordinal, start, length, masked, max_visits: int) -> list[tupl
         sel = key == kval
         L, msk = (kval // 2) % (V + 1), bool(kval % 2)
         for it, st in _evenly_spaced(n[sel], start[sel]):
-            out.append((it, st.unsqueeze(1) + torch.arange(L), msk))
+            out.append((it, st.unsqueeze(1) + torch.arange(L), msk))  # host: CPU plan
     return out
 
 

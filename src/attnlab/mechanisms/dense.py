@@ -22,8 +22,8 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 def mask(T: int, S: int, *, causal: bool = False) -> Tensor:
     """bool [T, S]; causal is bottom-right aligned."""
     if not causal:
-        return torch.ones(T, S, dtype=torch.bool)
-    return torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        return torch.ones(T, S, dtype=torch.bool)  # host: dense oracle mask, moved by the caller
+    return torch.ones(T, S, dtype=torch.bool).tril(S - T)  # host: dense oracle mask, moved by the caller
 
 
 def sdpa_supports(q: Tensor, k: Tensor, v: Tensor, causal: bool, need_lse: bool = False, **_) -> str | None:
@@ -70,7 +70,7 @@ def layout(T: int, S: int, causal: bool, block: tuple[int, int]):
 def blocksparse(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
 ) -> AttentionOutput:
-    return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], causal, block_sizes()), scale=scale)
+    return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], causal, block_sizes(q.device)), scale=scale)
 
 
 def block_layout(T: int, S: int, *, causal: bool = False):

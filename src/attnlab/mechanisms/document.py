@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import TensorKeyedCache, block_ranges, query_positions
+from attnlab.kernels.layout import TensorKeyedCache, block_ranges, query_positions, take
 
 DEFAULTS = {"lengths": None, "document_ids": None}
 
@@ -45,7 +45,8 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
 def _ids(S: int, lengths: tuple[int, ...] | None, document_ids: Tensor | None) -> Tensor:
     """int64 [Bl, S]."""
     if lengths is not None:
-        return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).unsqueeze(0)
+        counts = torch.tensor(lengths)  # host: layout planning
+        return torch.repeat_interleave(torch.arange(len(lengths)), counts).unsqueeze(0)  # host: layout planning
     ids = document_ids.to(device="cpu", dtype=torch.long)
     return ids.unsqueeze(0) if ids.dim() == 1 else ids
 
@@ -53,18 +54,18 @@ def _ids(S: int, lengths: tuple[int, ...] | None, document_ids: Tensor | None) -
 def mask(T: int, S: int, *, causal: bool = False, lengths=None, document_ids=None) -> Tensor:
     """bool [T, S], or [B, 1, T, S] for per-batch document_ids."""
     ids = _ids(S, lengths, document_ids)  # [Bl, S]
-    p = torch.arange(T) + (S - T)
+    p = torch.arange(T) + (S - T)  # host: dense oracle mask
     q_doc = torch.where(p >= 0, ids[:, p.clamp(min=0)], -1)  # [Bl, T]; -1 matches nothing
     allowed = (q_doc.unsqueeze(2) == ids.unsqueeze(1)) & (p >= 0).view(1, T, 1)
     if causal:
-        allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))
+        allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))  # host: dense oracle mask
     return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
 
 
 def _mask_mod(ids: Tensor, offset: int, causal: bool):
     def document(b, h, q_idx, kv_idx):
         p = q_idx + offset
-        same = ids[b, p.clamp(min=0)] == ids[b, kv_idx]
+        same = take(ids, b, p.clamp(min=0)) == take(ids, b, kv_idx)
         ok = same & (p >= 0)
         return ok & (kv_idx <= p) if causal else ok
 
@@ -76,17 +77,26 @@ def _layout(ids: Tensor, T: int, S: int, causal: bool, block: tuple[int, int]):
     # Each document's first and last key position bounds the keys a query in it can see.
     n_docs = int(ids.max()) - int(ids.min()) + 1
     doc = ids - ids.min()
-    pos = torch.arange(S).expand_as(doc)
-    lo_doc = torch.full((doc.shape[0], n_docs), S, dtype=torch.long).scatter_reduce(1, doc, pos, "amin")
-    hi_doc = torch.zeros(doc.shape[0], n_docs, dtype=torch.long).scatter_reduce(1, doc, pos + 1, "amax")
-    rows = torch.arange(T) + (S - T)
+    pos = torch.arange(S).expand_as(doc)  # host: layout planning
+    lo_doc = torch.full((doc.shape[0], n_docs), S).scatter_reduce(1, doc, pos, "amin")  # host: layout planning
+    hi_doc = torch.zeros(doc.shape[0], n_docs, dtype=torch.long)  # host: layout planning
+    hi_doc = hi_doc.scatter_reduce(1, doc, pos + 1, "amax")
+    rows = torch.arange(T) + (S - T)  # host: layout planning
     row_doc = doc[:, rows.clamp(min=0)]
     row_lo = torch.where(rows >= 0, lo_doc.gather(1, row_doc), S).amin(0)  # [T] over the batch
     row_hi = torch.where(rows >= 0, hi_doc.gather(1, row_doc), 0).amax(0)
     lo, hi = block_ranges(row_lo, row_hi, block[0])
     if causal:
         hi = torch.minimum(hi, last_pos + 1)
-    return build_layout(_mask_mod(ids, S - T, causal), T, S, key_ranges=[(lo, hi)], batch=ids.shape[0], block=block)
+    return build_layout(
+        _mask_mod(ids, S - T, causal),
+        T,
+        S,
+        key_ranges=[(lo, hi)],
+        batch=ids.shape[0],
+        block=block,
+        rebind=lambda device: _mask_mod(ids.to(device), S - T, causal),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,8 +107,8 @@ def _layout_from_lengths(lengths: tuple[int, ...], T: int, S: int, causal: bool,
 _CACHE = TensorKeyedCache()
 
 
-def layout(T: int, S: int, causal: bool, lengths=None, document_ids=None, block=None):
-    block = block or block_sizes()
+def layout(T: int, S: int, causal: bool, lengths=None, document_ids=None, block=None, device=None):
+    block = block or block_sizes(device)
     if lengths is not None:
         return _layout_from_lengths(tuple(lengths), T, S, causal, block)
     build = lambda: _layout(_ids(S, None, document_ids), T, S, causal, block)  # noqa: E731
@@ -115,7 +125,7 @@ def attention(
     lengths=None,
     document_ids=None,
 ) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, lengths, document_ids)
+    lay = layout(q.shape[2], k.shape[2], causal, lengths, document_ids, device=q.device)
     if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
         raise ValueError(f"document_ids has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
     return block_sparse_attention(q, k, v, lay, scale=scale)

@@ -91,8 +91,8 @@ def _global_layout(T: int, S: int, pool: int, block: tuple[int, int]):
 
 def _global_mask(T: int, S: int, pool: int) -> Tensor:
     n = math.ceil(S / pool)
-    last_member = torch.clamp((torch.arange(n) + 1) * pool, max=S) - 1
-    return last_member.view(1, n) <= (torch.arange(T) + S - T).view(T, 1)
+    last_member = torch.clamp((torch.arange(n) + 1) * pool, max=S) - 1  # host: dense oracle mask
+    return last_member.view(1, n) <= (torch.arange(T) + S - T).view(T, 1)  # host: dense oracle mask
 
 
 def _gate(gate, like: Tensor):
@@ -118,7 +118,7 @@ def attention(
         local = neighborhood.attention(q, k, v, scale=scale, shape=shape, kernel_size=kernel_size).out
     kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)
     if causal:
-        lay = _global_layout(q.shape[2], k.shape[2], pool, block_sizes())
+        lay = _global_layout(q.shape[2], k.shape[2], pool, block_sizes(q.device))
         glob = block_sparse_attention(q, kp, vp, lay, scale=scale).out
     else:
         glob = F.scaled_dot_product_attention(q, kp, vp, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

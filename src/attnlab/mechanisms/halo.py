@@ -18,7 +18,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, int_tuple, nonnegative_int, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import block_ranges
+from attnlab.kernels.layout import block_ranges, take
 from attnlab.kernels.order import TileOrder, tile_sizes
 
 DEFAULTS = {"shape": None, "block_size": 8, "halo": 3}
@@ -51,7 +51,7 @@ def _in_halo(q_idx: Tensor, kv_idx: Tensor, shape, b: int, h: int) -> Tensor:
 def mask(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 8, halo: int = 3) -> Tensor:
     """bool [T, S]."""
     o = check_options(T, S, causal, {"shape": shape, "block_size": block_size, "halo": halo})
-    t = torch.arange(T)
+    t = torch.arange(T)  # host: dense oracle mask
     return _in_halo(t.unsqueeze(1), t.unsqueeze(0), o["shape"], o["block_size"], o["halo"])
 
 
@@ -62,8 +62,8 @@ def layout(shape, b: int, h: int, block: tuple[int, int]):
     tiles = TileOrder(shape, tile_sizes(shape, (b, b) if b >= 4 else None))
     order = tiles.order
 
-    def halo_mod(bt, ht, q_idx, kv_idx):
-        return _in_halo(order[q_idx], order[kv_idx], shape, b, h)
+    def predicate(order: Tensor):  # over tile-order positions
+        return lambda bt, ht, q_idx, kv_idx: _in_halo(take(order, q_idx), take(order, kv_idx), shape, b, h)
 
     y, x = order // shape[1], order % shape[1]
     y0, x0 = (y // b) * b, (x // b) * b
@@ -71,7 +71,9 @@ def layout(shape, b: int, h: int, block: tuple[int, int]):
     hi_c = [torch.clamp(y0 + b + h, max=shape[0]) - 1, torch.clamp(x0 + b + h, max=shape[1]) - 1]
     lo, hi = tiles.box_range(lo_c, hi_c)
     lo, hi = block_ranges(lo, hi, block[0])
-    lay = build_layout(halo_mod, T, T, key_ranges=[(lo, hi)], block=block)
+    lay = build_layout(
+        predicate(order), T, T, key_ranges=[(lo, hi)], block=block, rebind=lambda d: predicate(order.to(d))
+    )
     return dataclasses.replace(lay, order=order)
 
 
@@ -87,7 +89,7 @@ def attention(
     halo: int = 3,
 ) -> AttentionOutput:
     o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "block_size": block_size, "halo": halo})
-    lay = layout(o["shape"], o["block_size"], o["halo"], block_sizes())
+    lay = layout(o["shape"], o["block_size"], o["halo"], block_sizes(q.device))
     return block_sparse_attention(q, k, v, lay, scale=scale)
 
 

@@ -83,7 +83,7 @@ def _mask_mod(T: int, S: int, causal: bool, window: int, pools):
     def multiscale(b, h, q_idx, kv_idx):
         p = q_idx + off
         level = sum((kv_idx >= o).long() for o in levels[1:])  # 0 = raw keys, l = level l
-        allowed = torch.zeros(torch.broadcast_shapes(p.shape, kv_idx.shape), dtype=torch.bool)
+        allowed = None  # built from the indices only, so it lives on their device (and traces under vmap)
         for lv in range(len(pools) + 1):
             f = 1 if lv == 0 else pools[lv - 1]
             blk = kv_idx - levels[lv]  # index within the level
@@ -97,7 +97,8 @@ def _mask_mod(T: int, S: int, causal: bool, window: int, pools):
                 if lv < len(pools):  # unless the parent block is far too
                     g = pools[lv]
                     ok = ok & ~_far(p, (start // g) * g, torch.clamp((start // g + 1) * g, max=S), reach[lv], causal)
-            allowed = allowed | ((level == lv) & ok)
+            term = (level == lv) & ok
+            allowed = term if allowed is None else allowed | term
         return allowed & (p >= 0)
 
     return multiscale
@@ -126,9 +127,9 @@ def mask(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 6
     """bool [T, S + sum_l ceil(S / f_l)] over the raw-then-pooled key axis, written per token: find
     each key's coarsest far level directly."""
     reach = [window] + [window * f for f in pools]
-    p = (torch.arange(T) + S - T).view(T, 1)
-    j = torch.arange(S).view(1, S)
-    covered_by = torch.zeros(T, S, dtype=torch.long)  # the level that represents key j for query p
+    p = (torch.arange(T) + S - T).view(T, 1)  # host: dense oracle mask
+    j = torch.arange(S).view(1, S)  # host: dense oracle mask
+    covered_by = torch.zeros(T, S, dtype=torch.long)  # host: dense oracle mask; the level representing key j
     for lv, f in enumerate(pools, start=1):
         start = (j // f) * f
         end = torch.clamp(start + f, max=S)
@@ -136,7 +137,7 @@ def mask(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 6
     parts = [(covered_by == 0) & ((j <= p) if causal else True)]
     for lv, f in enumerate(pools, start=1):
         n = math.ceil(S / f)
-        blocks = torch.zeros(T, n, dtype=torch.bool)
+        blocks = torch.zeros(T, n, dtype=torch.bool)  # host: dense oracle mask
         hit = covered_by == lv
         blocks.scatter_reduce_(1, (j // f).expand(T, S), hit, "amax")
         parts.append(blocks)
@@ -159,5 +160,5 @@ def attention(
     window: int = 128,
     pools=(8, 64),
 ) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, window, tuple(pools), block_sizes())
+    lay = layout(q.shape[2], k.shape[2], causal, window, tuple(pools), block_sizes(q.device))
     return block_sparse_attention(q, pool_levels(k, pools), pool_levels(v, pools), lay, scale=scale)

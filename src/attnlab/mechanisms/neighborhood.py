@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, int_tuple
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import block_ranges
+from attnlab.kernels.layout import block_ranges, take
 from attnlab.kernels.order import TileOrder, tile_sizes
 
 DEFAULTS = {"shape": None, "kernel_size": 7, "dilation": 1}
@@ -89,9 +89,20 @@ def _neighbors(q_idx: Tensor, kv_idx: Tensor, shape, kernel, dilation, causal_ax
 def mask(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1) -> Tensor:
     """bool [T, S]."""
     o = check_options(T, S, causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
-    t = torch.arange(T)
+    t = torch.arange(T)  # host: dense oracle mask
     axes = _causal_axes(causal, len(o["shape"]))
     return _neighbors(t.unsqueeze(1), t.unsqueeze(0), o["shape"], o["kernel_size"], o["dilation"], axes)
+
+
+def _predicate(order: Tensor | None, shape, kernel, dilation, causal_axes):
+    """The mask over layout positions; ``order`` maps a tile-order position to its grid token."""
+
+    def neighborhood(b, h, q_idx, kv_idx):
+        if order is not None:
+            q_idx, kv_idx = take(order, q_idx), take(order, kv_idx)
+        return _neighbors(q_idx, kv_idx, shape, kernel, dilation, causal_axes)
+
+    return neighborhood
 
 
 @functools.lru_cache(maxsize=64)
@@ -99,14 +110,14 @@ def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
     """Block layout in tile order for 2-D/3-D grids (``BlockLayout.order``), row-major for 1-D."""
     T = math.prod(shape)
     tiles = TileOrder(shape, tile_sizes(shape)) if len(shape) > 1 else None
-    order = tiles.order if tiles is not None else torch.arange(T)
-
-    def neighborhood(b, h, q_idx, kv_idx):
-        return _neighbors(order[q_idx], order[kv_idx], shape, kernel, dilation, causal_axes)
+    order = tiles.order if tiles is not None else None
+    neighborhood = _predicate(order, shape, kernel, dilation, causal_axes)
+    rebind = None if order is None else lambda dev: _predicate(order.to(dev), shape, kernel, dilation, causal_axes)
 
     # Each row's neighbourhood lies inside the box between its lowest and highest corner.
     lo_c, hi_c = [], []
-    for i, n, k, d, c in zip(_coords(order, shape), shape, kernel, dilation, causal_axes):
+    tokens = order if order is not None else torch.arange(T)  # host: layout planning
+    for i, n, k, d, c in zip(_coords(tokens, shape), shape, kernel, dilation, causal_axes):
         g, start, end = _axis_window(i, n, k, d, c)
         lo_c.append(start * d + g)
         hi_c.append((end - 1) * d + g)
@@ -115,7 +126,7 @@ def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
     else:
         lo, hi = lo_c[0], hi_c[0] + 1
     lo, hi = block_ranges(lo, hi, block[0])
-    lay = build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block)
+    lay = build_layout(neighborhood, T, T, key_ranges=[(lo, hi)], block=block, rebind=rebind)
     return dataclasses.replace(lay, order=tiles.order) if tiles is not None else lay
 
 
@@ -126,7 +137,7 @@ def attention(
         q.shape[2], k.shape[2], causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation}
     )
     axes = _causal_axes(causal, len(o["shape"]))
-    lay = layout(o["shape"], o["kernel_size"], o["dilation"], axes, block_sizes())
+    lay = layout(o["shape"], o["kernel_size"], o["dilation"], axes, block_sizes(q.device))
     return block_sparse_attention(q, k, v, lay, scale=scale)
 
 

@@ -30,8 +30,8 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
 
 def mask(T: int, S: int, *, causal: bool = True, prefix: int = 0) -> Tensor:
     """bool [T, S]."""
-    p = torch.arange(T).unsqueeze(1) + (S - T)
-    j = torch.arange(S).unsqueeze(0)
+    p = torch.arange(T).unsqueeze(1) + (S - T)  # host: dense oracle mask
+    j = torch.arange(S).unsqueeze(0)  # host: dense oracle mask
     return (j < prefix) | (j <= p)
 
 
@@ -52,7 +52,7 @@ def layout(T: int, S: int, prefix: int, block: tuple[int, int]):
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, prefix: int = 0
 ) -> AttentionOutput:
-    return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], prefix, block_sizes()), scale=scale)
+    return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], prefix, block_sizes(q.device)), scale=scale)
 
 
 def block_layout(T: int, S: int, *, causal: bool = True, prefix: int = 0):

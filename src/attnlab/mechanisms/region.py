@@ -20,7 +20,7 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import TensorKeyedCache, query_positions
+from attnlab.kernels.layout import TensorKeyedCache, query_positions, take
 
 DEFAULTS = {"groups": None, "rules": None}
 
@@ -28,7 +28,7 @@ DEFAULTS = {"groups": None, "rules": None}
 def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     groups, rules = opts["groups"], opts["rules"]
     if groups is None:  # the default: one group, i.e. plain (causal) attention
-        groups = torch.zeros(S, dtype=torch.long)
+        groups = torch.zeros(S, dtype=torch.long)  # host: option default, read on the host
     if not isinstance(groups, Tensor) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
         got = type(groups).__name__
         raise ValueError(f"groups must be an integer tensor of group ids, [S] or [B, S], got {got}")
@@ -38,7 +38,7 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
         raise ValueError("groups ids must be >= 0")
     n = int(groups.max()) + 1 if groups.numel() else 1
     if rules is None:
-        rules = torch.eye(n, dtype=torch.bool)
+        rules = torch.eye(n, dtype=torch.bool)  # host: option default, read on the host
     square = isinstance(rules, Tensor) and rules.dim() == 2 and rules.shape[0] == rules.shape[1]
     if not square or rules.dtype != torch.bool:
         raise ValueError(f"rules must be a square bool tensor [G, G] (rules[a, b]: a may attend b), got {rules!r}")
@@ -55,19 +55,19 @@ def _ids(groups: Tensor) -> Tensor:
 def mask(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor) -> Tensor:
     """bool [T, S], or [B, 1, T, S] for per-batch groups."""
     ids = _ids(groups)
-    p = torch.arange(T) + (S - T)
+    p = torch.arange(T) + (S - T)  # host: dense oracle mask
     q_group = ids[:, p.clamp(min=0)]  # [Bl, T]
     allowed = rules.cpu()[q_group.unsqueeze(2), ids.unsqueeze(1)] & (p >= 0).view(1, T, 1)
     if causal:
-        allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))
+        allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))  # host: dense oracle mask
     return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
 
 
 _CACHE = TensorKeyedCache()
 
 
-def layout(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block=None):
-    block = block or block_sizes()
+def layout(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block=None, device=None):
+    block = block or block_sizes(device)
     return _CACHE.get((T, S, causal, groups, rules, block), lambda: _build(T, S, causal, groups, rules, block))
 
 
@@ -82,24 +82,29 @@ def _build(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block: t
     return _layout(T, S, causal, ids, rules.cpu(), block)
 
 
-def _layout(T: int, S: int, causal: bool, ids: Tensor, table: Tensor, block: tuple[int, int]):
-    off = S - T
-
+def _region_mod(table: Tensor, ids: Tensor, off: int, causal: bool):
     def region(b, h, q_idx, kv_idx):
         p = q_idx + off
-        ok = table[ids[b, p.clamp(min=0)], ids[b, kv_idx]] & (p >= 0)
+        ok = take(table, take(ids, b, p.clamp(min=0)), take(ids, b, kv_idx)) & (p >= 0)
         return ok & (kv_idx <= p) if causal else ok
+
+    return region
+
+
+def _layout(T: int, S: int, causal: bool, ids: Tensor, table: Tensor, block: tuple[int, int]):
+    off = S - T
 
     # One key range per target group: from its first to its last token, kept only for query blocks
     # holding a group that may attend it.
     G, Bq = table.shape[0], block[0]
     first_pos, last_pos = query_positions(T, S, Bq)
     nQB = first_pos.shape[0]
-    pos = torch.arange(S).expand_as(ids)
-    lo_g = torch.full((ids.shape[0], G), S).scatter_reduce(1, ids, pos, "amin").amin(0)
-    hi_g = torch.zeros(ids.shape[0], G, dtype=torch.long).scatter_reduce(1, ids, pos + 1, "amax").amax(0)
-    rows = (torch.arange(nQB * Bq) + off).clamp(0, S - 1)
-    present = torch.zeros(nQB, G, dtype=torch.bool)
+    pos = torch.arange(S).expand_as(ids)  # host: layout planning
+    lo_g = torch.full((ids.shape[0], G), S).scatter_reduce(1, ids, pos, "amin").amin(0)  # host: layout planning
+    hi_g = torch.zeros(ids.shape[0], G, dtype=torch.long)  # host: layout planning
+    hi_g = hi_g.scatter_reduce(1, ids, pos + 1, "amax").amax(0)
+    rows = (torch.arange(nQB * Bq) + off).clamp(0, S - 1)  # host: layout planning
+    present = torch.zeros(nQB, G, dtype=torch.bool)  # host: layout planning
     for b in range(ids.shape[0]):
         present |= torch.nn.functional.one_hot(ids[b, rows], G).view(nQB, Bq, G).any(1)
     reach = (present.float() @ table.float()) > 0  # [nQB, G]: target groups some row may attend
@@ -109,7 +114,9 @@ def _layout(T: int, S: int, causal: bool, ids: Tensor, table: Tensor, block: tup
         if causal:
             hi = torch.minimum(hi, last_pos + 1)
         ranges.append((torch.where(reach[:, g], lo_g[g], 0), hi))
-    return build_layout(region, T, S, key_ranges=ranges, batch=ids.shape[0], block=block)
+    rebind = lambda device: _region_mod(table.to(device), ids.to(device), off, causal)  # noqa: E731
+    mod = _region_mod(table, ids, off, causal)
+    return build_layout(mod, T, S, key_ranges=ranges, batch=ids.shape[0], block=block, rebind=rebind)
 
 
 def block_layout(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor):
@@ -119,7 +126,7 @@ def block_layout(T: int, S: int, *, causal: bool = False, groups: Tensor, rules:
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, groups: Tensor, rules: Tensor
 ) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, groups, rules)
+    lay = layout(q.shape[2], k.shape[2], causal, groups, rules, device=q.device)
     if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
         raise ValueError(f"groups has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
     return block_sparse_attention(q, k, v, lay, scale=scale)

@@ -25,8 +25,8 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
 
 def mask(T: int, S: int, *, causal: bool = False, window: int = 512) -> Tensor:
     """bool [T, S], written straight from the definition."""
-    p = torch.arange(T).unsqueeze(1) + (S - T)
-    j = torch.arange(S).unsqueeze(0)
+    p = torch.arange(T).unsqueeze(1) + (S - T)  # host: dense oracle mask
+    j = torch.arange(S).unsqueeze(0)  # host: dense oracle mask
     if causal:
         return (j <= p) & (j > p - window)
     return (p - j).abs() <= window // 2
@@ -53,7 +53,7 @@ def layout(T: int, S: int, causal: bool, window: int, block: tuple[int, int]):
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, window: int = 512
 ) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, window, block_sizes())
+    lay = layout(q.shape[2], k.shape[2], causal, window, block_sizes(q.device))
     return block_sparse_attention(q, k, v, lay, scale=scale)
 
 

@@ -26,8 +26,8 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
 
 def mask(T: int, S: int, *, causal: bool = False, sinks: int = 4, window: int = 512) -> Tensor:
     """bool [T, S]."""
-    p = torch.arange(T).unsqueeze(1) + (S - T)
-    j = torch.arange(S).unsqueeze(0)
+    p = torch.arange(T).unsqueeze(1) + (S - T)  # host: dense oracle mask
+    j = torch.arange(S).unsqueeze(0)  # host: dense oracle mask
     if causal:
         return (j <= p) & ((j < sinks) | (j > p - window))
     return (j < sinks) | ((p - j).abs() <= window // 2)
@@ -65,7 +65,7 @@ def attention(
     sinks: int = 4,
     window: int = 512,
 ) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, sinks, window, block_sizes())
+    lay = layout(q.shape[2], k.shape[2], causal, sinks, window, block_sizes(q.device))
     return block_sparse_attention(q, k, v, lay, scale=scale)
 
 

@@ -79,9 +79,9 @@ def mask(
 ) -> Tensor:
     """bool [kv_heads, T, S]: one pattern per kv head (query heads of a group share it)."""
     step = _head_step(head_step, vert_stride, kv_heads)
-    p = (torch.arange(T) + S - T).view(1, T, 1)
-    j = torch.arange(S).view(1, 1, S)
-    h = torch.arange(kv_heads).view(-1, 1, 1)
+    p = (torch.arange(T) + S - T).view(1, T, 1)  # host: dense oracle mask
+    j = torch.arange(S).view(1, 1, S)  # host: dense oracle mask
+    h = torch.arange(kv_heads).view(-1, 1, 1)  # host: dense oracle mask
     keep = _keep_blocks(
         p // block_size, j // block_size, h, h >= kv_heads - dense_heads, causal, local_blocks, vert_stride, step
     )
@@ -108,8 +108,8 @@ def layout(
     p0, p1 = query_positions(T, S, beta)
     # A query block spans position blocks I0..I1 (two when S - T is not a multiple of beta).
     I0, I1 = (p0.clamp(min=0) // beta).view(1, -1, 1), (p1.clamp(min=0) // beta).view(1, -1, 1)
-    J = torch.arange(nKB).view(1, 1, -1)
-    h = torch.arange(kv_heads).view(-1, 1, 1)
+    J = torch.arange(nKB).view(1, 1, -1)  # host: layout planning
+    h = torch.arange(kv_heads).view(-1, 1, 1)  # host: layout planning
     dense = h >= kv_heads - dense_heads
     k0, k1 = (_keep_blocks(I, J, h, dense, causal, local_blocks, vert_stride, step) for I in (I0, I1))
     some, every = causal_blocks(T, S, beta, causal)

@@ -56,7 +56,8 @@ class CAREBlock(nn.Module):
         self.attn_dim, self.conv_dim = care.split_channels(dim, heads, la_ratio)
         self.qkv = nn.Linear(self.attn_dim, 3 * self.attn_dim, bias=False)
         kernel = (kernel_size,) if shape is None else (kernel_size, kernel_size)
-        self.conv_weight = nn.Parameter(torch.randn(self.conv_dim, 1, *kernel) / math.prod(kernel) ** 0.5)
+        w = torch.randn(self.conv_dim, 1, *kernel)  # host: parameter init; Module.to moves it
+        self.conv_weight = nn.Parameter(w / math.prod(kernel) ** 0.5)
         self.mix = nn.Linear(dim, dim)  # interaction 1: local <-> global
         self.remember = nn.Linear(2 * dim, dim)  # interaction 2: with the memory of the previous block
         self.proj = nn.Linear(dim, dim)

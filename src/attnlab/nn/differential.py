@@ -106,7 +106,8 @@ class DifferentialAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * 2 * d, bias=bias)
         self.out_proj = nn.Linear(heads * 2 * d, dim, bias=bias)
         self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
-            nn.Parameter(torch.empty(d, dtype=torch.float32)) for _ in range(4)
+            nn.Parameter(torch.empty(d, dtype=torch.float32))  # host: parameter init
+            for _ in range(4)
         )
         self.norm = nn.RMSNorm(2 * d, eps=eps, elementwise_affine=True)
         self.reset_lambda()

@@ -54,8 +54,8 @@ class ChannelNorm(nn.Module):
     def __init__(self, heads: int, head_dim: int, eps: float = 1e-5):
         super().__init__()
         self.heads, self.head_dim, self.eps = heads, head_dim, eps
-        self.weight = nn.Parameter(torch.ones(heads, head_dim))
-        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))  # host: parameter init
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))  # host: parameter init
 
     def forward(self, x: Tensor) -> Tensor:
         xh = F.layer_norm(x.unflatten(-1, (self.heads, self.head_dim)), (self.head_dim,), eps=self.eps)
@@ -72,14 +72,15 @@ class HeadMixing(nn.Module):
         self.heads, self.head_dim, self.mode = heads, head_dim, mode
         dim = heads * head_dim
         if mode == "dense":
-            self.weight = nn.Parameter(torch.empty(dim, dim).uniform_(-(dim**-0.5), dim**-0.5))
+            self.weight = nn.Parameter(torch.empty(dim, dim).uniform_(-(dim**-0.5), dim**-0.5))  # host: parameter init
         else:
             # blocks[h] is head h's [d_out, d_in] map, initialized like nn.Linear(d, d)
             self.blocks = nn.Parameter(
-                torch.empty(heads, head_dim, head_dim).uniform_(-(head_dim**-0.5), head_dim**-0.5)
+                torch.empty(heads, head_dim, head_dim).uniform_(-(head_dim**-0.5), head_dim**-0.5)  # host: param init
             )
         if mode == "kronecker":
-            self.mix = nn.Parameter(torch.eye(heads))  # M[h, h']: how much head h reads head h'
+            # M[h, h']: how much head h reads head h'
+            self.mix = nn.Parameter(torch.eye(heads))  # host: parameter init
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "dense":

@@ -34,7 +34,7 @@ class FixedPatternAttention(nn.Module):
             raise ValueError(f"causal must be a bool, got {causal!r}")
         self.heads, self.max_len, self.causal = heads, max_len, causal
         self.head_dim = dim // heads if head_dim is None else positive_int("head_dim", head_dim)
-        self.logits = nn.Parameter(torch.zeros(heads, max_len, max_len))
+        self.logits = nn.Parameter(torch.zeros(heads, max_len, max_len))  # host: parameter init
         self.v = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.o = nn.Linear(heads * self.head_dim, dim, bias=False)
 

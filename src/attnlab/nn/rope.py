@@ -46,7 +46,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope_base must be a number > 1, got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
         # θ_i = base^(-2i/D), i < D/2, kept in fp64: the tables are cast to the input dtype at the end
-        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # host: fp64 table
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def tables(self, length: int, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -55,7 +55,8 @@ class RotaryEmbedding(nn.Module):
         hit = self._cache.get(key)
         if hit is None or hit[0].shape[0] < length:
             n = 1 << max(length - 1, 0).bit_length()  # next power of two >= length
-            angles = torch.arange(n, dtype=torch.float64).unsqueeze(1) * self.inv_freq  # [n, D/2]
+            # [n, D/2], in fp64 on the host, then cast and moved once per (device, dtype) below
+            angles = torch.arange(n, dtype=torch.float64).unsqueeze(1) * self.inv_freq  # host: cached per device
             angles = torch.cat((angles, angles), dim=-1)  # [n, D]: pair (i, i + D/2) shares an angle
             hit = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
             self._cache[key] = hit
