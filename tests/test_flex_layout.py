@@ -12,6 +12,7 @@ depends on the block lists alone, matches the oracle.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -89,11 +90,14 @@ def test_block_mask_is_the_mechanisms_mask(name, pattern):
         with block_size(16):
             lay = mech.block_layout(T, S, causal=causal, kv_heads=Hkv, **opts)
         bm = layout_block_mask(lay, B, H, "cpu")
-        got = _dense_from_block_mask(bm, B, H)
         want = _oracle_mask(name, T, S, causal, B, H, Hkv, opts)
         if lay.order is not None:  # the block mask describes the tile-ordered sequence
             want = want[:, :, lay.order][..., lay.order]
-        assert torch.equal(got, want), f"{name} {pattern} H={H} Hkv={Hkv}"
+        assert torch.equal(_dense_from_block_mask(bm, B, H), want), f"{name} {pattern} H={H} Hkv={Hkv}"
+        # coarsened to larger Flex blocks (as on CUDA, where they are multiples of 128): still exact
+        coarse = layout_block_mask(lay, B, H, "cpu", block=(2 * lay.block_q, 3 * lay.block_k))
+        assert coarse.BLOCK_SIZE == (2 * lay.block_q, 3 * lay.block_k)
+        assert torch.equal(_dense_from_block_mask(coarse, B, H), want), f"coarse {name} {pattern} H={H}"
         # Flex's block-level view: exactly the layout's visited blocks
         visited = torch.zeros(*lay.kv_blocks.shape[:3], lay.n_k_blocks + 1, dtype=torch.bool)
         visited = visited.scatter(-1, torch.where(lay.kv_blocks >= 0, lay.kv_blocks, lay.n_k_blocks), True)
@@ -151,6 +155,18 @@ def test_block_mask_is_cached_and_moved_once(monkeypatch):
     assert len(builds) == 2  # one per layout (64- and 16-blocks), none for the repeated calls
 
 
+def test_cuda_sparse_blocks_are_multiples_of_128():
+    def lay(bq, bk):
+        with block_size(bq, bk):
+            return attnlab.get("dense").block_layout(300, 300)
+
+    assert flex.sparse_block(lay(64, 64), "cuda") == (128, 128)
+    assert flex.sparse_block(lay(48, 256), "cuda") == (384, 256)
+    assert flex.sparse_block(lay(48, 16), "cpu") == (48, 16)
+    with pytest.raises(ValueError, match="whole multiples"):
+        layout_block_mask(lay(48, 16), 1, 1, "cpu", block=(64, 32))
+
+
 def test_small_head_dims_are_padded_exactly():
     assert [flex._flex_head_dim(d) for d in (1, 8, 16, 17, 64, 80, 128)] == [16, 16, 16, 32, 64, 128, 128]
     torch.manual_seed(1)
@@ -173,6 +189,17 @@ def test_rows_with_no_key_give_zero_and_minus_inf():
     assert torch.isneginf(lse[:, :, empty]).all() and torch.isfinite(lse[:, :, ~empty]).all()
     ref = attnlab.attention_lse(q, k, v, "dense", causal=True, impl="reference")
     torch.testing.assert_close(out, ref.out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flex_path", [False, True])
+def test_a_layout_with_no_block_at_all(flex_path):
+    """Rules that allow nothing: the layout visits no block (V = 0) and every row is empty."""
+    q, k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    opts = {"groups": torch.tensor([0] * 10 + [1] * 10), "rules": torch.zeros(2, 2, dtype=torch.bool)}
+    assert attnlab.get("region").block_layout(20, 20, causal=True, **opts).kv_blocks.shape[-1] == 0
+    with flex_on_cpu("eager") if flex_path else contextlib.nullcontext():
+        out, lse = attnlab.attention_lse(q, k, v, "region", causal=True, **opts)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
 def test_bad_layouts_and_modes_are_refused():
@@ -200,11 +227,15 @@ def _selection_layout(B: int, Hkv: int, T: int, S: int, blk: int):
 
 
 def test_selection_layout_on_compiled_flex(monkeypatch):
-    """Compiled Flex on CPU follows our block lists: a selection's result depends on nothing else."""
+    """Compiled Flex on CPU runs a selection layout exactly, coarsened as on CUDA (16-blocks in
+    32-blocks, 64 in 128 there): the compiled kernel traces the per-block state lookup, and a block
+    missing from our lists, or a partial one listed as full, would change the result."""
     monkeypatch.setattr(torch_flex, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", False)
+    monkeypatch.setattr(flex, "sparse_block", lambda layout, device: (32, 32))
     B, H, Hkv, T, S = 2, 4, 2, 37, 53
     lay = _selection_layout(B, Hkv, T, S, 16)
     bm = layout_block_mask(lay, B, H, "cpu")
+    assert bm.BLOCK_SIZE == (32, 32)
     want = torch.zeros(B, H, T, S, dtype=torch.bool)  # the layout's own meaning, block by block
     for b in range(B):
         for h in range(H):

@@ -7,6 +7,10 @@ evaluates the predicate there), its full blocks in ``full_kv_*`` (run unmasked),
 exactly the blocks the layout classified and nothing is evaluated over T x S. The largest tensors
 are the block index lists, [Bl, H', nQB, nKB] int32: at 64K tokens with 128-blocks that is 512 x 512
 int32 = 1 MiB per head slice, and only layouts that differ per kv head have more than one slice.
+Flex's CUDA kernels need sparse blocks of whole 128-row tiles, so a layout with smaller blocks
+(strided shards, selections, a user's ``block_size(64)``) is coarsened exactly: the coarse blocks
+are partial unless all their cells are full, and the predicate Flex evaluates looks up the layout's
+own block state first (a [Bl, Hl, nQB, nKB] uint8 table at the layout's granularity).
 
 ``block_mask`` (``create_block_mask`` over the predicate, which evaluates all T x S pairs) stays as
 the benchmark's FlexAttention *baseline*: what a user of Flex alone would run.
@@ -15,7 +19,9 @@ the benchmark's FlexAttention *baseline*: what a user of Flex alone would run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
 import weakref
 
 import torch
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core import compute_dtype
-from attnlab.kernels.layout import BlockLayout, MaskMod
+from attnlab.kernels.layout import BlockLayout, MaskMod, take
 
 _MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # moved layout -> {(B', H'): BlockMask}
 
@@ -58,26 +64,81 @@ def flex_mask_mod(layout: BlockLayout, H: int) -> MaskMod:
     return mask_mod
 
 
-def _block_list(layout: BlockLayout, chosen: Tensor) -> tuple[Tensor, Tensor]:
-    """The chosen visited blocks as Flex's (num [Bl, Hl, nQB], indices [Bl, Hl, nQB, nKB]) int32.
+# Flex's CUDA kernels tile the sequence by up to 128 and need every sparse block to be a whole
+# number of tiles (else the kernel has no valid config); other devices take the layout's blocks.
+_CUDA_SPARSE_BLOCK = 128
+_SKIP, _PARTIAL, _FULL, _NO_ROW = 0, 1, 2, 3  # block states; _NO_ROW: padding rows past T
 
-    Flex reads the first ``num`` entries of each row; it sizes its dense views by the last axis,
-    so the rows are padded to nKB with block 0 (never read).
-    """
+
+def sparse_block(layout: BlockLayout, device: torch.device | str) -> tuple[int, int]:
+    """The BlockMask's block size for ``layout`` on ``device``: the layout's own, or on CUDA the
+    smallest multiple of 128 that its blocks divide (the layout is then coarsened exactly)."""
+    if torch.device(device).type != "cuda":
+        return layout.block_q, layout.block_k
+    return math.lcm(layout.block_q, _CUDA_SPARSE_BLOCK), math.lcm(layout.block_k, _CUDA_SPARSE_BLOCK)
+
+
+def _block_states(layout: BlockLayout) -> Tensor:
+    """uint8 [Bl, Hl, nQB, nKB]: each block _SKIP, _PARTIAL or _FULL (nQB x nKB, never T x S)."""
     nKB = layout.n_k_blocks
-    ids = torch.where(chosen, layout.kv_blocks, nKB).sort(dim=-1).values  # chosen first, ascending
-    ids = F.pad(ids, (0, nKB - ids.shape[-1]), value=nKB)
-    num = chosen.sum(-1, dtype=torch.int32)
-    return num, torch.where(ids < nKB, ids, 0).to(torch.int32)
+    state = torch.zeros(*layout.kv_blocks.shape[:3], nKB + 1, dtype=torch.uint8, device=layout.device)
+    code = torch.where(layout.partial, _PARTIAL, _FULL).to(torch.uint8)
+    slot = torch.where(layout.kv_blocks >= 0, layout.kv_blocks, nKB)  # unused slots land in the spare column
+    return state.scatter_(-1, slot, code)[..., :nKB]
 
 
-def layout_block_mask(layout: BlockLayout, B: int, H: int, device: torch.device | str):
+def _coarsen(state: Tensor, layout: BlockLayout, block: tuple[int, int]) -> Tensor:
+    """States of the ``block``-sized blocks, each a whole number of layout blocks: full when all of
+    its real cells are full, skipped when none is visited, partial otherwise. Cells past the last
+    key count as skipped, so a block holding padding keys is never full (Flex runs full blocks
+    unmasked); cells past the last row don't count."""
+    rq, rk = block[0] // layout.block_q, block[1] // layout.block_k
+    nQB, nKB = math.ceil(layout.T / block[0]), math.ceil(layout.S / block[1])
+    state = F.pad(state, (0, nKB * rk - state.shape[-1]), value=_SKIP)
+    state = F.pad(state, (0, 0, 0, nQB * rq - state.shape[-2]), value=_NO_ROW)
+    cells = state.unflatten(-1, (nKB, rk)).unflatten(-3, (nQB, rq))  # [Bl, Hl, nQB, rq, nKB, rk]
+    visited = ((cells == _PARTIAL) | (cells == _FULL)).any(-1).any(-2)
+    full = ((cells == _FULL) | (cells == _NO_ROW)).all(-1).all(-2) & visited
+    return torch.where(full, _FULL, torch.where(visited, _PARTIAL, _SKIP)).to(torch.uint8)
+
+
+def _fine_mask_mod(state: Tensor, layout: BlockLayout) -> MaskMod:
+    """Inside a coarsened block, a key is allowed as the layout says: its own (fine) block full, or
+    partial and allowed by the predicate. This keeps selections exact, whose predicates know
+    nothing of which blocks were selected."""
+    Bq, Bk, mm = layout.block_q, layout.block_k, layout.mask_mod
+
+    def fine(b, h, q_idx, kv_idx):
+        s = take(state, b, h, q_idx // Bq, kv_idx // Bk)
+        return (s == _FULL) | ((s == _PARTIAL) & mm(b, h, q_idx, kv_idx))
+
+    return fine
+
+
+def _block_list(chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """Chosen blocks bool [..., nQB, nKB] as Flex's (num [..., nQB], indices [..., nQB, nKB]) int32.
+
+    Flex reads the first ``num`` entries of each row (ascending here); it sizes its dense views by
+    the last axis, so every row has nKB slots, the unused ones holding block 0 (never read).
+    """
+    nKB = chosen.shape[-1]
+    ids = torch.where(chosen, torch.arange(nKB, device=chosen.device), nKB).sort(dim=-1).values
+    return chosen.sum(-1, dtype=torch.int32), torch.where(ids < nKB, ids, 0).to(torch.int32)
+
+
+def layout_block_mask(
+    layout: BlockLayout, B: int, H: int, device: torch.device | str, block: tuple[int, int] | None = None
+):
     """A Flex BlockMask for ``layout`` (moved to ``device``), for q with B batch rows and H heads.
 
     Batch and head axes stay 1 when the layout is shared (Flex broadcasts them); a per-kv-head
     layout is expanded to H query heads by repeating each kv head's lists over its group. A
     tile-order layout (``layout.order``) describes the *permuted* sequence: the caller permutes
-    q, k, v as the executor does. Cached per (layout, device, B', H').
+    q, k, v as the executor does. ``block``: the BlockMask's block size, whole multiples of the
+    layout's (default :func:`sparse_block`). Cached per (layout, device, B', H', block).
+
+    Nothing of size T x S is built: the block tables are [Bl, H', nQB, nKB] (64K tokens at
+    128-blocks: 512 x 512 int32 = 1 MiB per slice).
     """
     layout = layout.to(device)
     Bl, Hl = layout.kv_blocks.shape[:2]
@@ -85,26 +146,30 @@ def layout_block_mask(layout: BlockLayout, B: int, H: int, device: torch.device 
         raise ValueError(f"layout has batch {Bl} but q has batch {B}")
     if Hl != 1 and (H % Hl or H < Hl):
         raise ValueError(f"layout has {Hl} kv-head slices but q has {H} heads (need a multiple)")
-    key = (Bl, H if Hl > 1 else 1)
+    block = tuple(block or sparse_block(layout, device))
+    if len(block) != 2 or block[0] % layout.block_q or block[1] % layout.block_k:
+        fine = (layout.block_q, layout.block_k)
+        raise ValueError(f"block must be whole multiples of the layout's blocks {fine}, got {block}")
+    key = (Bl, H if Hl > 1 else 1, block)
     cache = _MASKS.setdefault(layout, {})
     if key not in cache:
-        cache[key] = _build_block_mask(layout, H)
+        cache[key] = _build_block_mask(layout, H, block)
     return cache[key]
 
 
-def _build_block_mask(layout: BlockLayout, H: int):
+def _build_block_mask(layout: BlockLayout, H: int, block: tuple[int, int]):
     from torch.nn.attention.flex_attention import BlockMask
 
-    visited = layout.kv_blocks >= 0
-    lists = (*_block_list(layout, visited & layout.partial), *_block_list(layout, visited & ~layout.partial))
+    state = _block_states(layout)
+    if block != (layout.block_q, layout.block_k):
+        layout = dataclasses.replace(layout, mask_mod=_fine_mask_mod(state, layout))
+        state = _coarsen(state, layout, block)
+    lists = (*_block_list(state == _PARTIAL), *_block_list(state == _FULL))
     Hl = layout.kv_blocks.shape[1]
     if Hl > 1 and H > Hl:  # each kv head's lists serve its group of query heads
         lists = tuple(x.repeat_interleave(H // Hl, dim=1) for x in lists)
     return BlockMask.from_kv_blocks(
-        *lists,
-        BLOCK_SIZE=(layout.block_q, layout.block_k),
-        mask_mod=flex_mask_mod(layout, H),
-        seq_lengths=(layout.T, layout.S),
+        *lists, BLOCK_SIZE=block, mask_mod=flex_mask_mod(layout, H), seq_lengths=(layout.T, layout.S)
     )
 
 

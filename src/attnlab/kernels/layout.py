@@ -188,7 +188,7 @@ def _slice_blocks(mask_mod: MaskMod, b: int, h: int, T: int, S: int, Bq: int, Bk
         rq, rk = torch.arange(Bq), torch.arange(Bk)  # host: layout planning
         q_idx = (n.unsqueeze(1) * Bq + rq).view(-1, Bq, 1, 1)  # [m, Bq, 1, 1]
         kv_idx = (kb.clamp(min=0).unsqueeze(-1) * Bk + rk).unsqueeze(1)  # [m, 1, C, Bk]
-        real_q, real_k = q_idx < T, (kv_idx < S) & (kb >= 0).view(-1, 1, C, 1)
+        real_q, real_k = q_idx < T, (kv_idx < S) & (kb >= 0).view(len(n), 1, C, 1)
         allowed = mask_mod(bt, ht, q_idx.clamp(max=T - 1), kv_idx.clamp(max=S - 1)) & real_q & real_k
         nonempty[n] = allowed.any(dim=3).any(dim=1)
         # Padding rows don't care; padding keys must be masked, so such blocks are never full.
