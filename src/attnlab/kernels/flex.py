@@ -31,7 +31,7 @@ from torch import Tensor
 from attnlab.core import compute_dtype
 from attnlab.kernels.layout import BlockLayout, MaskMod, take
 
-_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # moved layout -> {(B', H'): BlockMask}
+_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # moved layout -> {(B', H', block): BlockMask}
 
 
 @functools.cache
