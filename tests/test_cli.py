@@ -204,3 +204,32 @@ def test_bench_reports_the_first_call_apart_from_the_steady_median(monkeypatch, 
     (row,) = json.loads((run / "results.json").read_text())["rows"]
     assert row["first_ms"] >= 300 and row["first_ms"] >= row["median_ms"]
     assert row["median_ms"] < 300 and len(calls) > 3
+
+
+def test_interrupted_runs_keep_what_they_measured(monkeypatch, tmp_path, capsys):
+    """Ctrl-C (or `timeout -s INT`, as scripts/gpu_check.sh stops a step) still writes the finished
+    rows and summarizes the finished mechanisms, with exit status 130."""
+    import torch
+
+    from attnlab import registry
+
+    mech = registry.get("sliding_window")
+    impl = mech.impls["blocksparse"]
+
+    def interrupted(q, k, v, **kw):
+        if q.shape[2] >= 128 or q.dtype == torch.float32:
+            raise KeyboardInterrupt
+        return impl.fn(q, k, v, **kw)
+
+    monkeypatch.setitem(mech.impls, "blocksparse", registry.Impl(interrupted, impl.supports))
+    assert cli.main(["check", "halo", "sliding_window", "--dtypes", "fp32"]) == 130
+    out = capsys.readouterr().out
+    assert "PASS  halo" in out and "interrupted during sliding_window; 1 mechanism(s) not checked" in out
+    assert out.endswith("1 passed, 0 failed (partial)\n")
+    _gate(monkeypatch, {"dense": [], "sliding_window": []})
+    args = ["bench", "--mechanisms", "dense", "sliding_window", "--lengths", "128", "--modes", "fwd"]
+    assert cli.main([*args, "--masks", "causal", "--out", str(tmp_path)]) == 130
+    assert "interrupted after 1 of 2 rows" in capsys.readouterr().out
+    (run,) = tmp_path.iterdir()
+    data = json.loads((run / "results.json").read_text())
+    assert [r["mechanism"] for r in data["rows"]] == ["dense"] and data["machine"]["interrupted"]

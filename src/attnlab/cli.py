@@ -61,20 +61,23 @@ def cmd_check(args) -> int:
     shown = " ".join(str(d).removeprefix("torch.") for d in dtypes)
     print(f"contract on {device} ({shown}), {len(names)} mechanism(s): forward, LSE and gradients vs the oracle")
     reports = []
-    for name in names:
-        r = run_contract(name, dtypes, device)
-        reports.append(r)
-        if r.passed:
-            print(f"PASS  {name}  ({r.cases} cases, {r.seconds:.1f} s)", flush=True)
-        else:
-            lines = r.lines()
-            print(f"FAIL  {name}  ({r.failed_cases()}/{r.cases} cases failed) first: {lines[0]}", flush=True)
-            for line in lines[1 : None if args.verbose else 0]:
-                print(f"      {line}")
+    try:
+        for name in names:
+            r = run_contract(name, dtypes, device)
+            reports.append(r)
+            if r.passed:
+                print(f"PASS  {name}  ({r.cases} cases, {r.seconds:.1f} s)", flush=True)
+            else:
+                lines = r.lines()
+                print(f"FAIL  {name}  ({r.failed_cases()}/{r.cases} cases failed) first: {lines[0]}", flush=True)
+                for line in lines[1 : None if args.verbose else 0]:
+                    print(f"      {line}")
+    except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: still summarize what was checked
+        print(f"interrupted during {names[len(reports)]}; {len(names) - len(reports)} mechanism(s) not checked")
     _check_summary(reports, dtypes)
     failed = sum(not r.passed for r in reports)
-    print(f"{len(names) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    print(f"{len(reports) - failed} passed, {failed} failed" + ("" if len(reports) == len(names) else " (partial)"))
+    return 130 if len(reports) < len(names) else 1 if failed else 0
 
 
 def cmd_compare(a: str, b: str) -> int:
@@ -244,8 +247,13 @@ def cmd_bench(args) -> int:
         gate_device="cpu" if args.gate == "cpu" else device,
     )
     names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
-    with _progress() as progress:
-        rows, gate = efficiency.run(names, progress=progress, **kwargs)
+    interrupted = None
+    try:
+        with _progress() as progress:
+            rows, gate = efficiency.run(names, progress=progress, **kwargs)
+    except efficiency.Interrupted as e:  # write what was measured; the exit status says it is partial
+        interrupted, rows, gate = str(e), e.rows, e.failures
+        info["interrupted"] = interrupted
     dict_rows = efficiency.rows_as_dicts(rows)
     if any(r["mechanism"] in baselines.FLA_MECHANISMS for r in dict_rows) and baselines.fla_status(device):
         info["notes"] = [baselines.fla_status(device)]
@@ -261,6 +269,9 @@ def cmd_bench(args) -> int:
     failed = [r for r in dict_rows if r["status"] == "error"]
     if failed:
         print(f"{len(failed)} of {len(dict_rows)} rows failed (ERROR lines above); exit status 1")
+    if interrupted:
+        print(f"attnlab bench: {interrupted}; the results above are partial (exit status 130)")
+        return 130
     return 1 if failed or any(gate.values()) else 0
 
 

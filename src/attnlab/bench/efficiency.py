@@ -241,15 +241,26 @@ def run(
         plan += [(label, name, T, c, mode, lambda _, T, f=opts_at: f(T)) for T in lengths for mode in modes]
     rows = []
     task = progress.add_task("benchmarking", total=len(plan)) if progress else None
-    for label, name, T, causal, mode, options_at in plan:
-        mech = registry.get(name)
-        if progress:
-            what = label or f"{name} {'causal' if causal else 'full'}"
-            progress.update(task, description=f"{what} T={T} {mode}")
-        rows.append(_row(label, mech, T, causal, mode, options_at, failures[name], ctx))
-        if progress:
-            progress.advance(task)
+    try:
+        for label, name, T, causal, mode, options_at in plan:
+            mech = registry.get(name)
+            if progress:
+                what = label or f"{name} {'causal' if causal else 'full'}"
+                progress.update(task, description=f"{what} T={T} {mode}")
+            rows.append(_row(label, mech, T, causal, mode, options_at, failures[name], ctx))
+            if progress:
+                progress.advance(task)
+    except KeyboardInterrupt:
+        raise Interrupted(rows, failures, len(plan)) from None
     return rows, failures
+
+
+class Interrupted(Exception):
+    """Ctrl-C (or ``timeout -s INT``) during a run: the rows finished so far, so they can be written."""
+
+    def __init__(self, rows: list[Row], failures: dict, planned: int):
+        super().__init__(f"interrupted after {len(rows)} of {planned} rows")
+        self.rows, self.failures = rows, failures
 
 
 def _row(label: str, mech, T: int, causal: bool, mode: str, options_at, failed: list[str], ctx: dict) -> Row:
