@@ -130,18 +130,18 @@ def _fla_call(name: str, opts: dict, q: Tensor, k: Tensor, v: Tensor) -> Callabl
     H, scale = q.shape[1], q.shape[-1] ** -0.5
     groups = H // k.shape[1]
 
-    def bthd(t: Tensor) -> Tensor:  # fla's layout is [B, T, H, D]; GQA expanded to every query head
-        return t.repeat_interleave(groups, dim=1).transpose(1, 2)
+    def bthd(t: Tensor, expand: int = 1) -> Tensor:  # fla's layout is [B, T, H, D]; kv heads expanded
+        return t.repeat_interleave(expand, dim=1).transpose(1, 2)
 
     if name == "linear":
         phi = linear.FEATURE_MAPS[opts.get("feature_map", "elu+1")]
         normalize = linear.NORMALIZED[opts.get("feature_map", "elu+1")]
         kw = _keywords(chunk_linear_attn, scale=scale, normalize=normalize, head_first=False)
-        return lambda: chunk_linear_attn(bthd(phi(q)), bthd(phi(k)), bthd(v), **kw)[0].transpose(1, 2)
+        return lambda: chunk_linear_attn(bthd(phi(q)), bthd(phi(k), groups), bthd(v, groups), **kw)[0].transpose(1, 2)
     log_gamma = torch.log(lightning.decay_tensor(opts.get("decay"), H).to(q.device, torch.float32))  # [H]
     if "g_gamma" in inspect.signature(chunk_simple_gla).parameters:
         kw = _keywords(chunk_simple_gla, g_gamma=log_gamma, scale=scale, head_first=False)
-        return lambda: chunk_simple_gla(bthd(q), bthd(k), bthd(v), **kw)[0].transpose(1, 2)
+        return lambda: chunk_simple_gla(bthd(q), bthd(k, groups), bthd(v, groups), **kw)[0].transpose(1, 2)
     B, T = q.shape[0], q.shape[2]  # older fla: a per-token log decay [B, T, H] instead
     g = log_gamma.view(1, 1, H).expand(B, T, H).contiguous()
     kw = _keywords(chunk_simple_gla, g=g, scale=scale, head_first=False)
