@@ -49,7 +49,7 @@ def _check_summary(reports, dtypes) -> None:
 
 def cmd_check(args) -> int:
     """The contract for every asked mechanism on one device; a failure never stops the run.
-    Exit 0 when all pass, 1 when any fails, 2 on bad input (before any work)."""
+    Exit 0 when all pass, 1 when any fails, 2 on bad input (before any work), 130 when interrupted."""
     from attnlab.testing import run_contract
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -217,7 +217,10 @@ def run(
     names = registry.mechanisms() if names is None else list(names)
     cfg = PRESETS[preset]
     lengths = lengths or cfg["lengths"]
-    failures = gate(list(dict.fromkeys(names + [PATTERNS[p][0] for p in patterns])), gate_device or device)
+    try:
+        failures = gate(list(dict.fromkeys(names + [PATTERNS[p][0] for p in patterns])), gate_device or device)
+    except KeyboardInterrupt:
+        raise Interrupted([], {}, "interrupted in the correctness gate, before any row") from None
     ctx = {
         "shape": shape,
         "dtype": dtype,
@@ -251,15 +254,15 @@ def run(
             if progress:
                 progress.advance(task)
     except KeyboardInterrupt:
-        raise Interrupted(rows, failures, len(plan)) from None
+        raise Interrupted(rows, failures, f"interrupted after {len(rows)} of {len(plan)} rows") from None
     return rows, failures
 
 
 class Interrupted(Exception):
     """Ctrl-C (or ``timeout -s INT``) during a run: the rows finished so far, so they can be written."""
 
-    def __init__(self, rows: list[Row], failures: dict, planned: int):
-        super().__init__(f"interrupted after {len(rows)} of {planned} rows")
+    def __init__(self, rows: list[Row], failures: dict, message: str):
+        super().__init__(message)
         self.rows, self.failures = rows, failures
 
 
