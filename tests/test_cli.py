@@ -89,3 +89,147 @@ def test_bench_records_the_device_it_timed_on(tmp_path):
 
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert json.loads((run / "results.json").read_text())["machine"]["device"] == want
+
+
+def _raise_at(monkeypatch, name: str, min_T: int):
+    """Make ``name``'s only fast path raise for queries of length >= min_T (the gate's tiny shapes
+    stay below it unless min_T is 0), as a device bug at benchmark sizes would."""
+    from attnlab import registry
+
+    mech = registry.get(name)
+    (impl_name, impl) = next(iter(mech.impls.items()))
+
+    def broken(q, k, v, **kw):
+        if q.shape[2] >= min_T:
+            raise RuntimeError("boom on this device")
+        return impl.fn(q, k, v, **kw)
+
+    monkeypatch.setitem(mech.impls, impl_name, registry.Impl(broken, impl.supports))
+
+
+def test_check_reports_every_failing_mechanism_and_goes_on(monkeypatch, capsys):
+    _raise_at(monkeypatch, "streaming", 0)
+    code = cli.main(["check", "--mechanisms", "streaming", "sliding_window", "--dtypes", "fp32"])
+    assert code == 1
+    out = capsys.readouterr().out
+    fail = next(line for line in out.splitlines() if line.startswith("FAIL  streaming"))
+    assert "RuntimeError: boom on this device" in fail and "(16/16 cases failed)" in fail
+    assert "PASS  sliding_window  (16 cases" in out  # the mechanism after the failure still ran
+    summary = {line.split()[0]: line.split()[1:] for line in out[out.index("\nmechanism ") :].splitlines()[2:-1]}
+    assert summary["streaming"][:5] == ["FAIL", "16", "16", "16", "fail"]
+    assert summary["sliding_window"][:4] == ["PASS", "16", "0", "ok"]
+    assert out.endswith("1 passed, 1 failed\n")
+
+
+def test_check_device_cuda_without_cuda_is_one_line_and_exit_2(capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for builds that see none")
+    assert cli.main(["check", "--device", "cuda", "dense"]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.err == "attnlab check: error: --device cuda was asked for, but this torch build sees no CUDA device\n"
+    )
+    assert captured.out == ""
+    assert cli.main(["check", "halo", "--device", "auto", "--dtypes", "fp64"]) == 0  # auto: the CPU here
+    assert "contract on cpu (float64)" in capsys.readouterr().out
+
+
+def _gate(monkeypatch, verdicts: dict) -> None:
+    """Stand in for the correctness gate (the contract has tests of its own) with fixed verdicts."""
+    from attnlab.bench import efficiency
+
+    monkeypatch.setattr(efficiency, "gate", lambda names, device: {n: verdicts[n] for n in names})
+
+
+def test_bench_gate_failure_is_an_error_row_with_the_first_problem(monkeypatch, tmp_path, capsys):
+    _gate(monkeypatch, {"dense": [], "halo": ["blocksparse-float32-full-T37-S37-H2kv2: out: max abs error 1"]})
+    args = ["bench", "--mechanisms", "halo", "dense", "--lengths", "64", "--modes", "fwd", "--masks", "full"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 1
+    (run,) = tmp_path.iterdir()
+    rows = {r["mechanism"]: r for r in json.loads((run / "results.json").read_text())["rows"]}
+    assert rows["halo"]["status"] == "error" and rows["halo"]["median_ms"] is None
+    assert rows["halo"]["error"].startswith("failed the correctness gate (1 cases): blocksparse-float32")
+    assert rows["dense"]["status"] == "ok" and rows["dense"]["median_ms"] > 0
+    assert "ERROR halo T=64 full fwd: failed the correctness gate" in capsys.readouterr().out
+
+
+def test_bench_records_a_raising_mechanism_as_an_error_row_and_goes_on(monkeypatch, tmp_path, capsys):
+    import csv
+
+    _raise_at(monkeypatch, "sliding_window", 128)
+    _gate(monkeypatch, {"dense": [], "sliding_window": []})
+    args = ["bench", "--mechanisms", "sliding_window", "dense", "--lengths", "128", "--modes", "fwd"]
+    assert cli.main([*args, "--masks", "causal", "--out", str(tmp_path)]) == 1  # a failed row: status 1
+    out = capsys.readouterr().out
+    assert "ERROR sliding_window T=128 causal fwd: RuntimeError: boom on this device" in out
+    assert "1 of 2 rows failed" in out
+    (run,) = tmp_path.iterdir()
+    rows = {r["mechanism"]: r for r in json.loads((run / "results.json").read_text())["rows"]}
+    bad, good = rows["sliding_window"], rows["dense"]
+    assert bad["status"] == "error" and bad["error"] == "RuntimeError: boom on this device"
+    assert bad["median_ms"] is None and bad["vs_sdpa"] is None  # no speed for a path that failed
+    assert good["status"] == "ok" and good["median_ms"] > 0 and good["vs_sdpa"] > 0
+    with open(run / "results.csv") as f:
+        by_name = {r["mechanism"]: r for r in csv.DictReader(f)}
+    assert by_name["sliding_window"]["error"] == "RuntimeError: boom on this device"
+    assert by_name["dense"]["status"] == "ok"
+
+
+def test_bench_reports_the_first_call_apart_from_the_steady_median(monkeypatch, tmp_path):
+    """A path whose first call at the bench size pays a one-time cost (as compiling does) shows it
+    in first_ms, not in the median."""
+    import time
+
+    from attnlab import registry
+
+    mech = registry.get("sliding_window")
+    impl = mech.impls["blocksparse"]
+    calls = []
+
+    def compiles_once(q, k, v, **kw):
+        if q.shape[2] == 128:  # the benchmark's length; the correctness gate's shapes are smaller
+            if not calls:
+                time.sleep(0.3)
+            calls.append(1)
+        return impl.fn(q, k, v, **kw)
+
+    monkeypatch.setitem(mech.impls, "blocksparse", registry.Impl(compiles_once, impl.supports))
+    _gate(monkeypatch, {"sliding_window": []})
+    args = ["bench", "--mechanisms", "sliding_window", "--lengths", "128", "--modes", "fwd", "--masks", "causal"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    (row,) = json.loads((run / "results.json").read_text())["rows"]
+    assert row["first_ms"] >= 300 and row["first_ms"] >= row["median_ms"]
+    assert row["median_ms"] < 300 and len(calls) > 3
+
+
+def test_interrupted_runs_keep_what_they_measured(monkeypatch, tmp_path, capsys):
+    """Ctrl-C (or `timeout -s INT`, as scripts/gpu_check.sh stops a step) still writes the finished
+    rows and summarizes the finished mechanisms, with exit status 130."""
+    import torch
+
+    from attnlab import registry
+
+    mech = registry.get("sliding_window")
+    impl = mech.impls["blocksparse"]
+
+    def interrupted(q, k, v, **kw):
+        if q.shape[2] >= 128 or q.dtype == torch.float32:
+            raise KeyboardInterrupt
+        return impl.fn(q, k, v, **kw)
+
+    monkeypatch.setitem(mech.impls, "blocksparse", registry.Impl(interrupted, impl.supports))
+    assert cli.main(["check", "halo", "sliding_window", "--dtypes", "fp32"]) == 130
+    out = capsys.readouterr().out
+    assert "PASS  halo" in out and "interrupted during sliding_window; 1 mechanism(s) not checked" in out
+    assert out.endswith("1 passed, 0 failed (partial)\n")
+    _gate(monkeypatch, {"dense": [], "sliding_window": []})
+    args = ["bench", "--mechanisms", "dense", "sliding_window", "--lengths", "128", "--modes", "fwd"]
+    assert cli.main([*args, "--masks", "causal", "--out", str(tmp_path)]) == 130
+    assert "interrupted after 1 of 2 rows" in capsys.readouterr().out
+    (run,) = tmp_path.iterdir()
+    data = json.loads((run / "results.json").read_text())
+    assert [r["mechanism"] for r in data["rows"]] == ["dense"] and data["machine"]["interrupted"]

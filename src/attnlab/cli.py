@@ -25,19 +25,59 @@ def cmd_list(args) -> int:
     return 0
 
 
-def cmd_check(args) -> int:
-    from attnlab.testing import check_mechanism
+NO_CUDA = "--device cuda was asked for, but this torch build sees no CUDA device"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
-    names = args.mechanisms or registry.mechanisms()
-    failed = 0
-    for name in names:
-        problems = check_mechanism(name, dtypes=(torch.float32, torch.bfloat16, torch.float64))
-        print(f"{'PASS' if not problems else 'FAIL'}  {name}")
-        for p in problems[:10]:
-            print(f"      {p}")
-        failed += bool(problems)
-    print(f"{len(names) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+
+def _check_dtypes(args, device: torch.device) -> tuple[torch.dtype, ...]:
+    from attnlab.testing import DEVICE_DTYPES
+
+    return tuple(DTYPES[d] for d in args.dtypes) if args.dtypes else DEVICE_DTYPES[device.type]
+
+
+def _check_summary(reports, dtypes) -> None:
+    """One row per mechanism: cases run, failing cases per dtype, seconds."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    head = " ".join(f"{n:>8}" for n in names)
+    print(f"\n{'mechanism':22} {'result':6} {'cases':>5} {'failed':>6} {head}  secs")
+    for r in reports:
+        per = [r.failed_cases(d) for d in dtypes]
+        cells = " ".join(f"{'ok' if not n else f'{n} fail':>8}" for n in per)
+        result = "PASS" if r.passed else "FAIL"
+        print(f"{r.name:22} {result:6} {r.cases:>5} {r.failed_cases():>6} {cells}  {r.seconds:4.0f}")
+
+
+def cmd_check(args) -> int:
+    """The contract for every asked mechanism on one device; a failure never stops the run.
+    Exit 0 when all pass, 1 when any fails, 2 on bad input (before any work), 130 when interrupted."""
+    from attnlab.testing import run_contract
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"attnlab check: error: {NO_CUDA}", file=sys.stderr)
+        return 2
+    device = _device(args)
+    dtypes = _check_dtypes(args, device)
+    names = list(dict.fromkeys(args.names + (args.mechanisms or []))) or registry.mechanisms()
+    shown = " ".join(str(d).removeprefix("torch.") for d in dtypes)
+    print(f"contract on {device} ({shown}), {len(names)} mechanism(s): forward, LSE and gradients vs the oracle")
+    reports = []
+    try:
+        for name in names:
+            r = run_contract(name, dtypes, device)
+            reports.append(r)
+            if r.passed:
+                print(f"PASS  {name}  ({r.cases} cases, {r.seconds:.1f} s)", flush=True)
+            else:
+                lines = r.lines()
+                print(f"FAIL  {name}  ({r.failed_cases()}/{r.cases} cases failed) first: {lines[0]}", flush=True)
+                for line in lines[1 : None if args.verbose else 0]:
+                    print(f"      {line}")
+    except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: still summarize what was checked
+        print(f"interrupted during {names[len(reports)]}; {len(names) - len(reports)} mechanism(s) not checked")
+    _check_summary(reports, dtypes)
+    failed = sum(not r.passed for r in reports)
+    print(f"{len(reports) - failed} passed, {failed} failed" + ("" if len(reports) == len(names) else " (partial)"))
+    return 130 if len(reports) < len(names) else 1 if failed else 0
 
 
 def cmd_compare(a: str, b: str) -> int:
@@ -85,7 +125,10 @@ def _bench_input_problem(args) -> str | None:
     if args.lengths is not None and any(n <= 0 for n in args.lengths):
         return f"--lengths must be positive, got {args.lengths}"
     if args.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda was asked for, but this torch build sees no CUDA device"
+        return NO_CUDA
+    unknown = [n for n in args.flex or () if n != "all" and n not in registry.mechanisms()]
+    if unknown:
+        return f"--flex takes mechanism names or 'all', got {unknown}"
     if args.policies is not None and args.suite != "quality":
         return "--policies applies to the quality suite (--suite quality)"
     return _writable(args.out)
@@ -102,14 +145,6 @@ def _patterns(args) -> tuple[str, ...]:
     if args.patterns is None:
         return tuple(PATTERNS) if args.preset == "full" and not args.mechanisms else ()
     return tuple(PATTERNS) if "all" in args.patterns else tuple(args.patterns)
-
-
-def _default_flex(preset: str) -> tuple[str, ...]:
-    """Compiled Flex beside every mask mechanism in the full preset; one (sliding window) in quick,
-    where compiling each would cost more than the preset's budget."""
-    if preset == "quick":
-        return ("sliding_window",)
-    return tuple(m.name for m in registry.MECHANISMS if m.layout is not None and m.name != "dense")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,7 +215,7 @@ def cmd_quality(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from attnlab.bench import efficiency, plots, report
+    from attnlab.bench import baselines, efficiency, plots, report
 
     if args.compare:
         return cmd_compare(*args.compare)
@@ -195,7 +230,7 @@ def cmd_bench(args) -> int:
         return cmd_quality(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
+    dtype = DTYPES[args.dtype]
     device = _device(args)
     info = report.banner(device)
     print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
@@ -205,15 +240,23 @@ def cmd_bench(args) -> int:
         lengths=tuple(args.lengths) if args.lengths else None,
         modes=tuple(args.modes),
         dtype=dtype,
-        flex=tuple(args.flex) if args.flex is not None else _default_flex(args.preset),
+        flex=tuple(args.flex) if args.flex is not None else None,
         causal=tuple(m == "causal" for m in args.masks),
         patterns=_patterns(args),
         device=device,
+        gate_device="cpu" if args.gate == "cpu" else device,
     )
     names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
-    with _progress() as progress:
-        rows, gate = efficiency.run(names, progress=progress, **kwargs)
+    interrupted = None
+    try:
+        with _progress() as progress:
+            rows, gate = efficiency.run(names, progress=progress, **kwargs)
+    except efficiency.Interrupted as e:  # write what was measured; the exit status says it is partial
+        interrupted, rows, gate = str(e), e.rows, e.failures
+        info["interrupted"] = interrupted
     dict_rows = efficiency.rows_as_dicts(rows)
+    if any(r["mechanism"] in baselines.FLA_MECHANISMS for r in dict_rows) and baselines.fla_status(device):
+        info["notes"] = [baselines.fla_status(device)]
     report.table(dict_rows, info)
     print(efficiency.FLOP_RULE)
     info["flop_rule"] = efficiency.FLOP_RULE
@@ -223,17 +266,33 @@ def cmd_bench(args) -> int:
     print(f"wrote {out}/results.json and results.csv" + ("" if isinstance(drawn, str) else f" and {len(drawn)} plots"))
     if isinstance(drawn, str):
         print(drawn)
-    return 1 if any(gate.values()) else 0
+    failed = [r for r in dict_rows if r["status"] == "error"]
+    if failed:
+        print(f"{len(failed)} of {len(dict_rows)} rows failed (ERROR lines above); exit status 1")
+    if interrupted:
+        print(f"attnlab bench: {interrupted}; the results above are partial (exit status 130)")
+        return 130
+    return 1 if failed or any(gate.values()) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="attnlab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers").set_defaults(fn=cmd_list)
-    c = sub.add_parser("check", help="the contract on tiny shapes: pass/fail per mechanism")
-    c.add_argument("mechanisms", nargs="*", help="default: all")
+    c = sub.add_parser(
+        "check",
+        help="the contract on tiny shapes: pass/fail per mechanism (exit 0 all pass, 1 any fails, 2 bad input)",
+    )
+    c.add_argument("names", nargs="*", metavar="mechanism", help="default: all")
+    c.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms(), help="the same, as an option")
+    c.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="auto: CUDA when present")
+    c.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: fp32 bf16, and fp64 on the CPU")
+    c.add_argument("-v", "--verbose", action="store_true", help="every failing case, not only the first")
     c.set_defaults(fn=cmd_check)
-    b = sub.add_parser("bench", help="correctness gate, then timings against SDPA and Flex")
+    b = sub.add_parser(
+        "bench",
+        help="correctness gate, then timings against SDPA, Flex and fla (exit 1 when a row failed, 2 bad input)",
+    )
     b.add_argument("--suite", choices=["efficiency", "quality"], default="efficiency")
     b.add_argument("--preset", choices=["quick", "full"], default="quick")
     b.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
@@ -249,7 +308,16 @@ def main(argv: list[str] | None = None) -> int:
         help="where to time and train (auto: CUDA when present); CUDA timing uses CUDA events",
     )
     b.add_argument(
-        "--flex", nargs="*", default=None, help="mechanisms to time against compiled Flex (default: by preset)"
+        "--flex",
+        nargs="*",
+        default=None,
+        help="mechanisms to time against compiled Flex, or 'all' (default: all on CUDA, none on the CPU)",
+    )
+    b.add_argument(
+        "--gate",
+        choices=["device", "cpu"],
+        default="device",
+        help="where the correctness gate runs the contract (default: the benchmark's device)",
     )
     b.add_argument(
         "--patterns",
@@ -268,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     if args.cmd == "check":
-        bad = [m for m in args.mechanisms if m not in registry.mechanisms()]
+        bad = [m for m in args.names if m not in registry.mechanisms()]
         if bad:
             p.error(f"unknown mechanism(s) {bad}; valid: {', '.join(registry.mechanisms())}")
     return args.fn(args)

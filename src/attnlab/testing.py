@@ -1,10 +1,15 @@
 """Tolerances and the comparison against the dense oracle, shared by the test suite and
-``attnlab check`` so both hold every fast path to the same bar."""
+``attnlab check`` so both hold every fast path to the same bar, on the CPU and on CUDA.
+
+The contract's inputs are drawn on the CPU in fp64 and then moved, so a case is the same numbers on
+every device; the oracle runs on the same device as the fast path (in >= fp32).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,6 +25,27 @@ TOLERANCES = {
     torch.bfloat16: ((2e-2, 2e-2), (6e-2, 6e-2)),
     torch.float16: ((4e-3, 4e-3), (1e-2, 1e-2)),
 }
+# On CUDA, fp32 sums run in another order (tiled Triton kernels, atomics in Flex's dq) than the
+# oracle's cuBLAS matmuls: a few ulps more than on the CPU, still far below any masking error.
+CUDA_FP32 = ((5e-5, 5e-5), (2e-4, 2e-4))
+
+# The dtypes the contract covers per device type: fp64 (exactness) where the fast path supports it.
+DEVICE_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "cuda": (torch.float32, torch.bfloat16),
+}
+
+
+def tolerances(dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """((atol, rtol) for outputs, (atol, rtol) for gradients) for ``dtype`` on ``device``."""
+    if torch.device(device).type == "cuda" and dtype == torch.float32:
+        return CUDA_FP32
+    return TOLERANCES[dtype]
+
+
+def devices() -> list[str]:
+    """The device types the test suite runs the contract on: the CPU, and CUDA when present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _close(name: str, got: Tensor, want: Tensor, atol: float, rtol: float) -> str | None:
@@ -48,10 +74,11 @@ def compare_to_reference(
 ) -> list[str]:
     """Run ``impl`` and the oracle on the same inputs; return the list of mismatches (empty = pass).
 
-    Compares the output, the LSE (on CPU) and, when ``grad``, dq, dk, dv for a random upstream
-    gradient. Rows with no allowed key must give exactly 0 and finite gradients.
+    Compares the output, the LSE and, when ``grad``, dq, dk, dv for a random upstream gradient, with
+    the tolerances of q's dtype on q's device. Rows with no allowed key must give exactly 0 and
+    finite gradients.
     """
-    (o_tol, g_tol) = TOLERANCES[q.dtype]
+    (o_tol, g_tol) = tolerances(q.dtype, q.device)
     leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
     ref_leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
     got = registry.attention_lse(*leaves, mechanism, causal=causal, scale=scale, impl=impl, **options)
@@ -59,7 +86,10 @@ def compare_to_reference(
     problems = [p for p in [_close("out", got.out, want.out, *o_tol)] if p]
     if got.out.dtype != q.dtype:
         problems.append(f"out dtype {got.out.dtype} != q dtype {q.dtype}")
-    empty = torch.isneginf(want.lse) if want.lse is not None else torch.zeros(want.out.shape[:3], dtype=torch.bool)
+    if want.lse is not None:
+        empty = torch.isneginf(want.lse)
+    else:
+        empty = torch.zeros(want.out.shape[:3], dtype=torch.bool, device=want.out.device)
     if bool(empty.any()) and bool(got.out[empty].abs().max() != 0):
         problems.append("rows with no allowed key are not exactly 0")
     if got.lse is not None and want.lse is not None:
@@ -93,12 +123,11 @@ class Case:
     Hkv: int
     options: dict
 
-    def inputs(self, seed: int = 0, B: int = 2, D: int = 16, Dv: int = 16):
+    def inputs(self, seed: int = 0, B: int = 2, D: int = 16, Dv: int = 16, device: torch.device | str = "cpu"):
+        """q, k, v on ``device``: drawn on the CPU in fp64, so every device sees the same numbers."""
         g = torch.Generator().manual_seed(seed)
-        q = torch.randn(B, self.H, self.T, D, generator=g, dtype=torch.float64).to(self.dtype)
-        k = torch.randn(B, self.Hkv, self.S, D, generator=g, dtype=torch.float64).to(self.dtype)
-        v = torch.randn(B, self.Hkv, self.S, Dv, generator=g, dtype=torch.float64).to(self.dtype)
-        return q, k, v
+        shapes = ((B, self.H, self.T, D), (B, self.Hkv, self.S, D), (B, self.Hkv, self.S, Dv))
+        return tuple(torch.randn(s, generator=g, dtype=torch.float64).to(device, self.dtype) for s in shapes)
 
     def __str__(self) -> str:
         dt = str(self.dtype).removeprefix("torch.")
@@ -122,23 +151,67 @@ def cases(mech: registry.Mechanism, dtypes=(torch.float32, torch.bfloat16, torch
                             yield Case(impl, dtype, causal, T, S, H, Hkv, mech.example(S))
 
 
-def check_mechanism(name: str, dtypes=(torch.float32, torch.float64)) -> list[str]:
-    """The contract on tiny shapes for one mechanism: a list of failures, empty when it passes."""
+@dataclass
+class MechanismCheck:
+    """The contract's outcome for one mechanism on one device: every case run, and what failed."""
+
+    name: str
+    device: str
+    cases: int = 0
+    failures: list[tuple[Case | None, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def failed_cases(self, dtype: torch.dtype | None = None) -> int:
+        """Distinct failing cases (of ``dtype`` when given)."""
+        return len({str(c) for c, _ in self.failures if dtype is None or (c is not None and c.dtype == dtype)})
+
+    def lines(self) -> list[str]:
+        return [f"{case}: {problem}" if case is not None else problem for case, problem in self.failures]
+
+
+def _one_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def run_contract(name: str, dtypes=(torch.float32, torch.float64), device: torch.device | str = "cpu"):
+    """The contract on tiny shapes for one mechanism on ``device``. Never raises for the
+    mechanism's sake: an exception in a case is that case's failure, and the other cases still run."""
     from attnlab.kernels import block_size
 
-    mech = registry.get(name)
-    failures = []
+    device = torch.device(device)
+    report = MechanismCheck(name, str(device))
+    t0 = time.perf_counter()
+    try:
+        mech = registry.get(name)
+        all_cases = list(cases(mech, dtypes))
+    except Exception as e:  # a record that cannot even list its cases fails as a whole
+        report.failures.append((None, f"raised {_one_line(e)}"))
+        return report
     with block_size(8, 16):  # small tiles so tiny inputs still span many blocks
-        for case in cases(mech, dtypes):
-            q, k, v = case.inputs()
+        for case in all_cases:
+            report.cases += 1
             try:
+                q, k, v = case.inputs(device=device)
                 problems = compare_to_reference(name, q, k, v, impl=case.impl, causal=case.causal, **case.options)
             except ValueError as e:
                 if case.impl != "auto" and "cannot run this call" in str(e):
                     continue  # an explicit impl declining a pattern it does not serve is the contract
-                problems = [f"raised {e}"]
-            failures += [f"{case}: {p}" for p in problems]
-    return failures
+                problems = [f"raised {_one_line(e)}"]
+            except Exception as e:  # a crash is one failure among the report's, not the end of the run
+                problems = [f"raised {_one_line(e)}"]
+            report.failures += [(case, p) for p in problems]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def check_mechanism(name: str, dtypes=(torch.float32, torch.float64), device: torch.device | str = "cpu") -> list[str]:
+    """The contract on tiny shapes for one mechanism: a list of failures, empty when it passes."""
+    return run_contract(name, dtypes, device).lines()
 
 
 def tile_classes(mask: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:

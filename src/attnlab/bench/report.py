@@ -40,23 +40,34 @@ COLUMNS = [
     ("T", "T", "d"),
     ("mask", "pattern", "s"),
     ("mode", "mode", "s"),
+    ("status", "status", "s"),
     ("median ms", "median_ms", ".1f"),
+    ("first ms", "first_ms", ".0f"),
     ("spread", "spread", ".0%"),
     ("density", "density", ".3f"),
     ("GFLOP/s", "gflops", ".1f"),
     ("x SDPA", "vs_sdpa", ".2f"),
     ("ideal x", "ideal_vs_sdpa", ".1f"),
     ("x Flex", "vs_flex", ".2f"),
+    ("x fla", "vs_fla", ".2f"),
     ("peak MiB", "peak_mib", ".0f"),
     ("peak/qkv", "peak_vs_qkv", ".2f"),
     ("build ms", "build_ms", ".0f"),
 ]
 
 
+def _notes(rows: list[dict], info: dict) -> list[str]:
+    """Errors first (one line each), then notes, then the run's own notes (e.g. a skipped baseline)."""
+    where = lambda r: f"{r['mechanism']} T={r['T']} {r['pattern']} {r['mode']}"  # noqa: E731
+    errors = [f"ERROR {where(r)}: {r['error']}" for r in rows if r.get("error")]
+    notes = [f"{where(r)}: {r['note']}" for r in rows if r.get("note")]
+    return errors + notes + list(info.get("notes", ()))
+
+
 def table(rows: list[dict], info: dict) -> None:
-    """Print the table with rich when installed, plain text otherwise; notes follow the table."""
+    """Print the table with rich when installed, plain text otherwise; errors and notes follow it."""
     rows = [{**r, "pattern": r.get("pattern") or ("causal" if r["causal"] else "full")} for r in rows]
-    notes = [f"{r['mechanism']} T={r['T']} {r['pattern']} {r['mode']}: {r['note']}" for r in rows if r["note"]]
+    notes = _notes(rows, info)
     cells = [[_fmt(r[key], spec) if spec else str(r[key]) for _, key, spec in COLUMNS] for r in rows]
     title = f"attnlab bench — {info['cpu']} · {info['threads']} threads · torch {info['torch']}"
     try:
@@ -72,13 +83,13 @@ def table(rows: list[dict], info: dict) -> None:
         return
     t = Table(title=title, header_style="bold")
     for h, _, _ in COLUMNS:
-        t.add_column(h, justify="left" if h in ("mechanism", "mode", "mask") else "right", no_wrap=True)
+        t.add_column(h, justify="left" if h in ("mechanism", "mode", "mask", "status") else "right", no_wrap=True)
     for c in cells:
         t.add_row(*c)
     console = Console(width=None if Console().is_terminal else 200)
     console.print(t)
     for n in notes:
-        console.print(n)
+        console.print(n, markup=False, highlight=False)
 
 
 def write(rows: list[dict], info: dict, gate: dict, out_root: str | Path = "results") -> Path:
