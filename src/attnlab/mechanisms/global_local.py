@@ -8,8 +8,10 @@
   use neighbourhood attention with ``kernel_size`` (UltraGen partitions frames into windows; the
   NATTEN window is the overlapping generalization and keeps every query at the window's centre).
 * global: keys and values average-pooled by ``pool`` per axis (the last pool may be partial), one
-  softmax over the pooled tokens. Causal 1-D calls see a pooled token only once all of its members
-  are in the past (position p sees pooled block m when its last member <= p).
+  softmax over the pooled tokens. Causal 1-D calls see a pooled token only once all ``pool`` of its
+  members are in the past (position p sees pooled block m when (m + 1) * pool - 1 <= p). A trailing
+  partial block is therefore seen by no query: its average would change as the sequence grows, and a
+  KV-cache decode step must see exactly what a full recompute sees.
 * gate: a float in [0, 1] or a tensor broadcastable to [B, H, T, 1] (per head, per token); learn it
   in a module and pass it in. 0.5 by default.
 
@@ -76,7 +78,7 @@ def _global_mask_mod(T: int, S: int, pool: int):
     off = S - T
 
     def global_causal(b, h, q_idx, kv_idx):  # kv_idx indexes pooled tokens
-        return torch.clamp((kv_idx + 1) * pool, max=S) - 1 <= q_idx + off
+        return (kv_idx + 1) * pool - 1 <= q_idx + off  # complete blocks only (see the module doc)
 
     return global_causal
 
@@ -91,7 +93,7 @@ def _global_layout(T: int, S: int, pool: int, block: tuple[int, int]):
 
 def _global_mask(T: int, S: int, pool: int) -> Tensor:
     n = math.ceil(S / pool)
-    last_member = torch.clamp((torch.arange(n) + 1) * pool, max=S) - 1  # host: dense oracle mask
+    last_member = (torch.arange(n) + 1) * pool - 1  # host: dense oracle mask
     return last_member.view(1, n) <= (torch.arange(T) + S - T).view(T, 1)  # host: dense oracle mask
 
 
