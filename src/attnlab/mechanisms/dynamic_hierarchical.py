@@ -91,10 +91,10 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     return out
 
 
-def _causal_lse(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def _causal_lse(q: Tensor, k: Tensor, scale: float, fused: bool | None = None) -> Tensor:
     """Row log-normalizers [B, H, T] of causal self-attention. CPU: the fused flash kernel. Other
-    devices: row chunks of at most _LSE_ELEMS scores (no T x S tensor, any dtype)."""
-    if q.device.type == "cpu":
+    devices (or ``fused=False``): row chunks of at most _LSE_ELEMS scores (no T x S tensor, any dtype)."""
+    if q.device.type == "cpu" if fused is None else fused:
         return _flash(q, k, k, 0.0, True, scale=scale)[1]
     B, H, T, _ = q.shape
     step = max(1, _LSE_ELEMS // max(1, B * H * T))
