@@ -153,9 +153,10 @@ def _chunk(q: Tensor, k: Tensor, kp: Tensor, vp: Tensor, t0: int, front: int, sc
 
     start = lo.clamp(max=S - L)  # each span's run of L keys stays inside the sequence
     l = torch.arange(L, device=dev)
-    span_ok = (l >= (lo - start).unsqueeze(-1)) & (l <= (hi - start).unsqueeze(-1)) & ok.unsqueeze(-1)
-    s_span = torch.einsum("bhcd,bhcjld->bhcjl", q, _spans(kp, start + front, L)) * scale  # [B, H, C, k, L]
-    s_span = s_span.masked_fill(~span_ok, float("-inf"))
+    last = torch.where(ok, hi - start, -1).unsqueeze(-1)  # an unfilled slot keeps no key
+    span_ok = (l >= (lo - start).unsqueeze(-1)) & (l <= last)  # [B, H, C, k, L]
+    s_span = torch.einsum("bhcd,bhcjld->bhcjl", q, _spans(kp, start + front, L)) * scale
+    s_span = torch.where(span_ok, s_span, float("-inf"))
 
     # the window of t is keys t - Wp + 1 .. t: consecutive queries read an overlapping strided view
     Wp = max(W, 1)
@@ -164,7 +165,7 @@ def _chunk(q: Tensor, k: Tensor, kp: Tensor, vp: Tensor, t0: int, front: int, sc
     win_ok = (t.view(-1, 1) - Wp + 1 + torch.arange(Wp, device=dev) >= 0) & (W > 0)  # [C, Wp]
     qg = q.view(B, Hkv, H // Hkv, C, D)
     s_win = torch.einsum("bgxcd,bgcdw->bgxcw", qg, win_k).reshape(B, H, C, Wp) * scale
-    s_win = s_win.masked_fill(~win_ok, float("-inf"))
+    s_win = torch.where(win_ok, s_win, float("-inf"))
 
     lse_w = torch.logsumexp(s_win, -1, keepdim=True)  # [B, H, C, 1]
     lse = torch.logaddexp(torch.logsumexp(s_span, -1), lse_w)  # [B, H, C, k]: one softmax per span
