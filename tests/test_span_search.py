@@ -86,7 +86,7 @@ def test_chunked_path_matches_the_oracle_with_gradients(monkeypatch, dtype, H, H
     assert not compare_to_reference("span_search", q, k, v, causal=True, **opts)
 
 
-def test_span_runs_cover_every_span():
+def test_span_runs_cover_every_span(monkeypatch):
     """The static per-chunk bound L holds every span: widening it changes nothing."""
     from attnlab.mechanisms import span_search
 
@@ -94,9 +94,7 @@ def test_span_runs_cover_every_span():
     q, k, v = torch.randn(3, 1, 2, 300, 8, dtype=torch.float64)
     opts = {"num_spans": 3, "sw_index": 1, "backward_factor": 3.0, "forward_factor": 1.0, "span_power": 0.5}
     got = attnlab.attention(q, k, v, "span_search", causal=True, **opts)
-    wide = span_search._span_lengths
-    try:
-        span_search._span_lengths = lambda t, o: tuple(x + 7 for x in wide(t, o)) if isinstance(t, int) else wide(t, o)
-        torch.testing.assert_close(attnlab.attention(q, k, v, "span_search", causal=True, **opts), got)
-    finally:
-        span_search._span_lengths = wide
+    exact = span_search._span_lengths
+    wider = lambda t, o: tuple(x + 7 for x in exact(t, o)) if isinstance(t, int) else exact(t, o)
+    monkeypatch.setattr(span_search, "_span_lengths", wider)
+    torch.testing.assert_close(attnlab.attention(q, k, v, "span_search", causal=True, **opts), got)

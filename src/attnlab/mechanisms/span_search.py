@@ -17,8 +17,11 @@ For a query at key position t = i + S - T (bottom-right; strictly causal):
 The attention query doubles as the search query (the spec's Q_s = Q_a resolution when one query is
 given). Per query head: each head searches with its own query. Gradients flow through the span
 attentions and through ω (the search is trained by it); the choice of anchors is discrete.
-The fast path processes queries in chunks, gathering each chunk's spans (O(chunk · k · sqrt(S))
-memory) under activation checkpointing, so memory stays linear in T.
+The fast path runs on q's device with no host sync: queries go in fixed-size chunks (the last one
+padded); each span is a run of L keys (L a static bound per chunk) copied out of an overlapping
+strided view of K / V, masked to the span, and each chunk is one batched computation whose k
+softmaxes and shared window fold into one weight per key. O(T · k · sqrt(S)) work, O(chunk · k ·
+sqrt(S)) memory per chunk, under activation checkpointing, so memory stays linear in T.
 """
 
 from __future__ import annotations
