@@ -110,3 +110,32 @@ def test_chunked_causal_lse_matches_the_fused_kernel(monkeypatch, budget):
     want = dhsa._causal_lse(q, k, 0.4)
     monkeypatch.setattr(dhsa, "_LSE_ELEMS", budget)
     torch.testing.assert_close(dhsa._causal_lse(q, k, 0.4, fused=False), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"chunking": "fixed", "chunk_size": 3, "budget": 40, "local": 0, "sinks": 0},
+        {"chunking": "fixed", "chunk_size": 5, "budget": 23, "local": 2, "sinks": 7},
+        {"chunking": "boundary", "budget": 30, "local": 1, "sinks": 2, "boundary_window": 2, "nms_window": 2},
+        {"chunking": "boundary", "budget": 50, "local": 3, "sinks": 0, "boundary_window": 3, "threshold": 1.0},
+    ],
+)
+def test_dhsa_static_bound_on_chosen_chunks_holds(monkeypatch, opts):
+    """_decide sizes the per-row chunk slots from the options, not from the data: every row's chosen
+    chunks must fit (a row beyond it would silently lose keys)."""
+    from attnlab.mechanisms import dhsa_fill
+
+    seen, classify = [], dhsa_fill._classify
+
+    def spy(lo_c, hi_c, L, pair, b, k, n_chosen, *rest):
+        seen.append((int(n_chosen.max()), rest[-1]))
+        return classify(lo_c, hi_c, L, pair, b, k, n_chosen, *rest)
+
+    monkeypatch.setattr(dhsa_fill, "_classify", spy)
+    torch.manual_seed(len(str(opts)))
+    q, k = torch.randn(2, 2, 120, 4), torch.randn(2, 2, 120, 4)
+    with attnlab.kernels.block_size(8, 8):
+        dhsa.select(q, k, **{**dhsa.DEFAULTS, **opts})
+    assert seen and all(n <= bound for n, bound in seen)
+    assert any(n >= bound - 3 for n, bound in seen)  # the bound is close, not merely large

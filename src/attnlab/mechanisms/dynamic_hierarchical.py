@@ -190,7 +190,7 @@ def _boundaries(q: Tensor, k: Tensor, scale: float, o: dict) -> Tensor:
     at = torch.zeros(B, S, dtype=torch.bool)
     at[:, 0] = True
     at[:, w : w + keep.shape[1]] = keep  # a boundary after candidate c = w - 1 + index: start c + 1
-    starts = torch.where(at, torch.arange(S), S).sort(dim=1).values[:, :Nc]
+    starts = torch.where(at, torch.arange(S), S).sort(dim=1).values[:, :Nc].contiguous()
     return starts.to(dev)
 
 
@@ -241,11 +241,12 @@ def _decide(q: Tensor, k: Tensor, scale: float | None, o: dict):
     order = Nc - 1 - torch.sort(score.flip(-1), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(Nc, device=dev).expand_as(order))
     hi_c = torch.cat([lo_c[:, 1:], torch.full((B, 1), S, device=dev)], 1)  # exclusive ends
-    # Chunks are at least min_size long (boundaries keep nms_window apart and w from the ends), so a
-    # row takes at most budget // min_size of them whole, plus the ones cut short by the sinks and by
-    # its window, plus the one it takes in part: a static bound on its chosen chunks.
+    # A row with a rest range has room = budget - local - sinks. Chunks are at least min_size long
+    # (boundaries keep nms_window apart and w from the ends), so it takes at most room // min_size
+    # of them whole, plus the ones cut short by the sinks and by its window, plus the one it takes in
+    # part: a static bound on its chosen chunks (no host read of the actual maximum).
     min_size = o["chunk_size"] if o["chunking"] == "fixed" else min(o["nms_window"], o["boundary_window"])
-    k_max = min(Nc, o["budget"] // min_size + 3)
+    k_max = min(Nc, max(0, o["budget"] - o["local"] - o["sinks"]) // min_size + 3)
     filled = fill_budgets(lo_c, hi_c, order, rank, chunk_of, p, S, o, block_sizes(), k_max, _ROWS_ELEMS)
     take, cut, visited, full = filled
     sel = ChunkSelection(chunk_of, rank, take, cut, None, o["local"], o["sinks"])
