@@ -136,7 +136,8 @@ def _spans(x: Tensor, start: Tensor, L: int) -> Tensor:
     B, Hkv, N, E = x.shape
     H = start.shape[1]
     heads = torch.arange(B * Hkv, device=x.device).view(B, Hkv, 1).expand(B, Hkv, H // Hkv).reshape(B, H, 1, 1)
-    return _Windows.apply(x.reshape(B * Hkv * N, E), (start + heads * N).flatten(), L).view(*start.shape, L, E)
+    rows = x.contiguous().view(B * Hkv * N, E)  # the strided view below assumes packed rows
+    return _Windows.apply(rows, (start + heads * N).flatten(), L).view(*start.shape, L, E)
 
 
 def _chunk(q: Tensor, k: Tensor, kp: Tensor, vp: Tensor, t0: int, front: int, scale: float, opts: dict, L: int):
