@@ -62,3 +62,39 @@ def test_bad_options(opts, causal, match):
     q, k, v = torch.randn(3, 1, 1, 16, 4)
     with pytest.raises(ValueError, match=match):
         attnlab.attention(q, k, v, "span_search", causal=causal, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("H", "Hkv", "T", "S", "opts"),
+    [
+        (4, 2, 70, 70, {}),  # GQA, causal self
+        (2, 2, 45, 90, {"num_spans": 2, "sw_index": 1, "backward_factor": 1.0, "forward_factor": 0.5}),
+        (4, 1, 90, 45, {"sw_index": 0, "forward_factor": 1.0}),  # rows before the first key; no window
+        (2, 1, 33, 33, {"num_spans": 5, "sw_index": 2, "span_power": 0.6}),
+    ],
+)
+def test_chunked_path_matches_the_oracle_with_gradients(monkeypatch, dtype, H, Hkv, T, S, opts):
+    """Several chunks of 16 queries (the last one padded): forward and dq, dk, dv against the oracle."""
+    from attnlab.mechanisms import span_search
+    from attnlab.testing import compare_to_reference
+
+    monkeypatch.setattr(span_search, "_CHUNK", 16)
+    torch.manual_seed(T + S + H)
+    q = torch.randn(2, H, T, 8, dtype=dtype)
+    k, v = torch.randn(2, 2, Hkv, S, 8, dtype=dtype)
+    assert not compare_to_reference("span_search", q, k, v, causal=True, **opts)
+
+
+def test_span_runs_cover_every_span(monkeypatch):
+    """The static per-chunk bound L holds every span: widening it changes nothing."""
+    from attnlab.mechanisms import span_search
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 300, 8, dtype=torch.float64)
+    opts = {"num_spans": 3, "sw_index": 1, "backward_factor": 3.0, "forward_factor": 1.0, "span_power": 0.5}
+    got = attnlab.attention(q, k, v, "span_search", causal=True, **opts)
+    exact = span_search._span_lengths
+    wider = lambda t, o: tuple(x + 7 for x in exact(t, o)) if isinstance(t, int) else exact(t, o)
+    monkeypatch.setattr(span_search, "_span_lengths", wider)
+    torch.testing.assert_close(attnlab.attention(q, k, v, "span_search", causal=True, **opts), got)

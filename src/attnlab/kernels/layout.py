@@ -237,23 +237,33 @@ def build_layout(
     return BlockLayout(T, S, Bq, Bk, kv_blocks.view(shape), partial.view(shape), mask_mod, rebind=rebind)
 
 
-def query_positions(T: int, S: int, block_q: int | None = None) -> tuple[Tensor, Tensor]:
+def query_positions(T: int, S: int, block_q: int | None = None, *, device=None) -> tuple[Tensor, Tensor]:
     """Key-axis positions (bottom-right aligned) of each query block's first and last row, [nQB]."""
     Bq = block_q or block_sizes()[0]
-    n = torch.arange(math.ceil(T / Bq))  # host: layout planning
+    n = torch.arange(math.ceil(T / Bq), device=device)
     first = n * Bq + (S - T)
     last = torch.clamp((n + 1) * Bq, max=T) - 1 + (S - T)
     return first, last
 
 
 def layout_from_blocks(
-    visited: Tensor, full: Tensor, T: int, S: int, block: tuple[int, int], mask_mod: MaskMod, *, selected=False
+    visited: Tensor,
+    full: Tensor,
+    T: int,
+    S: int,
+    block: tuple[int, int],
+    mask_mod: MaskMod,
+    *,
+    selected=False,
+    width: int | None = None,
 ) -> BlockLayout:
     """A layout from block-level decisions a mechanism made itself (analytic rules, selections).
 
     visited, full: bool [Bl, Hl, nQB, nKB]. ``full`` blocks run unmasked, so they must be allowed for
     every real row and key; blocks holding padding keys are demoted to partial here. ``selected``:
-    the decisions come from this call's q/k (see ``BlockLayout.selected``).
+    the decisions come from this call's q/k (see ``BlockLayout.selected``). kv_blocks / partial live
+    on ``visited.device``. ``width``: the most visited blocks of any row, when the caller knows it
+    without looking at the data; otherwise it is read from ``visited``, the one host sync here.
     """
     Bl, Hl, nQB, nKB = visited.shape
     Bq, Bk = block
@@ -261,8 +271,10 @@ def layout_from_blocks(
     if S % Bk:
         full = full.clone()
         full[..., -1] = False
-    V = int(visited.sum(-1).max()) if visited.numel() else 0
-    cand = torch.arange(nKB).expand(Bl, Hl, nQB, nKB)
+    if width is None:
+        width = int(visited.sum(-1).max()) if visited.numel() else 0  # host sync: V is a shape
+    V = width
+    cand = torch.arange(nKB, device=visited.device).expand(Bl, Hl, nQB, nKB)
     order = torch.where(visited, cand, nKB).sort(dim=-1).values[..., :V]  # visited ids first, ascending
     keep = order < nKB
     safe = order.clamp(max=nKB - 1)
@@ -288,10 +300,10 @@ def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> t
     hi = torch.maximum(hi.clamp(max=S), lo)
     real = hi > lo
     first, last = -(-lo // Bk), hi // Bk  # the whole blocks inside are first .. last - 1
-    # [rows, 1]: each row's query block, in flat cells
-    cell = (torch.arange(rows) // Bq * W).unsqueeze(1)  # host: layout planning
+    dev = lo.device
+    cell = (torch.arange(rows, device=dev) // Bq * W).unsqueeze(1)  # [rows, 1] the row's query block in flat cells
     inner = ((first < last).int() * Bk).flatten()
-    cov = torch.zeros(nQB * W, dtype=torch.int32)  # host: layout planning
+    cov = torch.zeros(nQB * W, dtype=torch.int32, device=dev)
     cov.scatter_add_(0, (cell + first).flatten(), inner).scatter_add_(0, (cell + last).flatten(), -inner)
     cov = cov.view(nQB, W).cumsum(1, dtype=torch.int32).flatten()
     head = torch.where(real & (lo % Bk != 0), torch.minimum(hi, first * Bk) - lo, 0).int()
@@ -299,9 +311,8 @@ def interval_blocks(lo: Tensor, hi: Tensor, S: int, block: tuple[int, int]) -> t
     cov.scatter_add_(0, (cell + lo // Bk).flatten(), head.flatten())
     cov.scatter_add_(0, (cell + last.clamp(max=nKB)).flatten(), tail.flatten())
     cov = cov.view(nQB, W)[:, :nKB]
-    kb, qb = torch.arange(nKB), torch.arange(nQB)  # host: layout planning
-    width = (S - kb * Bk).clamp(max=Bk).int()  # [nKB]
-    n_rows = (rows - qb * Bq).clamp(max=Bq).int()  # [nQB] real rows per query block
+    width = (S - torch.arange(nKB, device=dev) * Bk).clamp(max=Bk).int()  # [nKB]
+    n_rows = (rows - torch.arange(nQB, device=dev) * Bq).clamp(max=Bq).int()  # [nQB] real rows per query block
     return cov > 0, cov == n_rows.unsqueeze(1) * width
 
 
@@ -341,13 +352,13 @@ class TensorKeyedCache:
         return value
 
 
-def causal_blocks(T: int, S: int, block: int, causal: bool) -> tuple[Tensor, Tensor]:
+def causal_blocks(T: int, S: int, block: int, causal: bool, *, device=None) -> tuple[Tensor, Tensor]:
     """Block-level reach of the (bottom-right) causal constraint with square blocks, [nQB, nKB]:
     ``some`` — some real row of the query block may see some key of the block;
     ``every`` — every real row sees every key of it (a rule that allows the block may run it unmasked).
     Rows at negative positions (T > S) see nothing."""
-    first, last = query_positions(T, S, block)
-    J = torch.arange(math.ceil(S / block)).view(1, -1)  # host: layout planning
+    first, last = query_positions(T, S, block, device=device)
+    J = torch.arange(math.ceil(S / block), device=device).view(1, -1)
     p0, p1 = first.view(-1, 1), last.view(-1, 1)
     some = (p1 >= 0).expand(len(first), J.shape[1])
     every = (p0 >= 0).expand_as(some)

@@ -41,13 +41,13 @@ class BlockSelection(NamedTuple):
 
     def dense_mask(self) -> Tensor:
         """The equivalent token mask [B, Hkv, T, S], for the oracle and for analysis."""
-        lay = self.layout
-        rows = torch.arange(lay.T) // lay.block_q
-        cols = torch.arange(lay.S) // lay.block_k
+        lay, dev = self.layout, self.blocks.device
+        rows = torch.arange(lay.T, device=dev) // lay.block_q
+        cols = torch.arange(lay.S, device=dev) // lay.block_k
         allowed = self.blocks[:, :, rows][..., cols]
-        p = (torch.arange(lay.T) + lay.S - lay.T).view(-1, 1)
+        p = (torch.arange(lay.T, device=dev) + lay.S - lay.T).view(-1, 1)
         if self.causal:
-            allowed = allowed & (torch.arange(lay.S).view(1, -1) <= p)
+            allowed = allowed & (torch.arange(lay.S, device=dev).view(1, -1) <= p)
         return allowed & (p >= 0)
 
 
@@ -71,7 +71,7 @@ def _pool(x: Tensor, block: int) -> Tensor:
     """Mean over blocks of the sequence axis: [B, h, L, D] -> [B, h, ceil(L / block), D]."""
     n = math.ceil(x.shape[2] / block)
     sums = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - x.shape[2])).unflatten(2, (n, block)).sum(3)
-    counts = torch.clamp(x.shape[2] - torch.arange(n) * block, max=block).view(1, 1, n, 1)
+    counts = torch.clamp(x.shape[2] - torch.arange(n, device=x.device) * block, max=block).view(1, 1, n, 1)
     return sums / counts
 
 
@@ -96,31 +96,38 @@ def select(
     local_blocks: int = 4,
     **_,
 ) -> BlockSelection:
-    """Score key blocks per query block and keep the budget; no gradient flows through the choice."""
+    """Score key blocks per query block and keep the budget; no gradient flows through the choice.
+
+    A few batched ops on q's device, with no host sync: the layout's width is known from the shapes.
+    """
     B, H, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv, S, dev = k.shape[1], k.shape[2], q.device
     beta, off = block_size, S - T
     nQB, nKB = math.ceil(T / beta), math.ceil(S / beta)
     q_bar = _pool(q, beta).view(B, Hkv, H // Hkv, nQB, D).mean(2)  # [B, Hkv, nQB, D]
     k_bar = _pool(k, beta)  # [B, Hkv, nKB, D]
     score = resolve_scale(scale, D) * q_bar @ k_bar.transpose(-1, -2)  # [B, Hkv, nQB, nKB]
 
-    first, last_pos = query_positions(T, S, beta)
-    J = torch.arange(nKB).view(1, -1)
-    visible, every = causal_blocks(T, S, beta, causal)
+    first, last_pos = query_positions(T, S, beta, device=dev)
+    J = torch.arange(nKB, device=dev).view(1, -1)
+    visible, every = causal_blocks(T, S, beta, causal, device=dev)
     own = last_pos if causal else first  # the query block's own key block
     last = (own.clamp(min=0) // beta).view(-1, 1)
     forced = visible & ((J < init_blocks) | ((last - J).abs() < local_blocks) & ((J <= last) | (not causal)))
     rank_score = torch.where(forced, float("inf"), torch.where(visible, score, float("-inf")))
     order = _rank_by_score(rank_score)[..., :top_k]  # forced first, then by score
-    keep = torch.zeros(B, Hkv, nQB, nKB, dtype=torch.bool).scatter_(-1, order, True) & visible
+    keep = torch.zeros(B, Hkv, nQB, nKB, dtype=torch.bool, device=dev).scatter_(-1, order, True) & visible
     full = keep & every
 
     def block_topk(b, h, q_idx, kv_idx):
         p = q_idx + off
         return (kv_idx <= p) & (p >= 0) if causal else p >= 0
 
-    return BlockSelection(keep, layout_from_blocks(keep, full, T, S, (beta, beta), block_topk, selected=True), causal)
+    # The last query row sits at key S - 1 and sees every key block (causal or not), and visible blocks
+    # rank above invisible ones: the widest query block keeps exactly min(top_k, nKB) blocks.
+    width = min(top_k, nKB) if T and S else 0
+    layout = layout_from_blocks(keep, full, T, S, (beta, beta), block_topk, selected=True, width=width)
+    return BlockSelection(keep, layout, causal)
 
 
 def attention(

@@ -24,7 +24,6 @@ first. Sinks and the local window count against the budget. A budget >= p + 1 is
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -33,7 +32,8 @@ from torch import Tensor
 
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int, repeat_kv, resolve_scale
 from attnlab.kernels import BlockLayout, block_sizes, block_sparse_attention
-from attnlab.kernels.layout import interval_blocks, layout_from_blocks
+from attnlab.kernels.layout import layout_from_blocks
+from attnlab.mechanisms.dhsa_fill import fill_budgets
 
 DEFAULTS = {
     "chunking": "boundary",
@@ -47,6 +47,7 @@ DEFAULTS = {
     "max_chunks": None,
 }
 _ROWS_ELEMS = 1 << 22  # (row, chunk) pairs held at once while filling budgets
+_LSE_ELEMS = 1 << 24  # scores held at once by the chunked causal LSE
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -65,10 +66,10 @@ class ChunkSelection(NamedTuple):
 
     def dense_mask(self) -> Tensor:
         """The equivalent token mask [B, 1, T, S]."""
-        lay = self.layout
-        i = torch.arange(lay.T).view(1, -1, 1)
-        j = torch.arange(lay.S).view(1, 1, -1)
-        b = torch.arange(self.chunk_of.shape[0]).view(-1, 1, 1)
+        lay, dev = self.layout, self.chunk_of.device
+        i = torch.arange(lay.T, device=dev).view(1, -1, 1)
+        j = torch.arange(lay.S, device=dev).view(1, 1, -1)
+        b = torch.arange(self.chunk_of.shape[0], device=dev).view(-1, 1, 1)
         return _allowed(self, b, i, j, lay.S - lay.T).unsqueeze(1)
 
 
@@ -90,6 +91,23 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     return out
 
 
+def _causal_lse(q: Tensor, k: Tensor, scale: float, fused: bool | None = None) -> Tensor:
+    """Row log-normalizers [B, H, T] of causal self-attention. CPU: the fused flash kernel. Other
+    devices (or ``fused=False``): row chunks of at most _LSE_ELEMS scores (no T x S tensor, any dtype)."""
+    if q.device.type == "cpu" if fused is None else fused:
+        return _flash(q, k, k, 0.0, True, scale=scale)[1]
+    B, H, T, _ = q.shape
+    step = max(1, _LSE_ELEMS // max(1, B * H * T))
+    out = []
+    for r0 in range(0, T, step):  # a handful of row chunks bound the memory
+        r1 = min(T, r0 + step)
+        s = q[:, :, r0:r1] @ k[:, :, :r1].transpose(-1, -2) * scale  # [B, H, m, r1]
+        rows = torch.arange(r0, r1, device=q.device).view(-1, 1)
+        s = s.masked_fill(rows < torch.arange(r1, device=q.device), float("-inf"))
+        out.append(torch.logsumexp(s, -1))
+    return torch.cat(out, 2)
+
+
 def _column_mass(q: Tensor, k: Tensor, scale: float, w: int):
     """Head-averaged causal attention: column sums [B, S] and the band A[j + d, j], d < 2w: [B, S, 2w].
     Self-attention layout (T == S) in the compute dtype.
@@ -103,50 +121,77 @@ def _column_mass(q: Tensor, k: Tensor, scale: float, w: int):
     """
     B, H, S, D = q.shape
     kk = repeat_kv(k, H // k.shape[1]).contiguous()
-    _, lse = _flash(q, kk, kk, 0.0, True, scale=scale)  # [B, H, S]
+    lse = _causal_lse(q, kk, scale)  # [B, H, S]
     asks = torch.cat([kk, torch.ones_like(kk[..., :1])], -1).flip(2)  # [B, H, S, D + 1], reversed
     answers = torch.cat([q, (-lse / scale).unsqueeze(-1).to(q.dtype)], -1).flip(2)
-    _, lse_cols = _flash(asks, answers, answers, 0.0, True, scale=scale)
-    cols = lse_cols.flip(2).exp().mean(1)  # [B, S]
+    cols = _causal_lse(asks, answers, scale).flip(2).exp().mean(1)  # [B, S]
     band = []
-    for d in range(2 * w):
-        r = torch.arange(min(d, S), S)  # none when the band runs past a short sequence
+    for d in range(2 * w):  # 2w band offsets
+        r = torch.arange(min(d, S), S, device=q.device)  # none when the band runs past a short sequence
         s = (q[:, :, r] * kk[:, :, r - d]).sum(-1) * scale - lse[:, :, r]
         band.append(F.pad(torch.exp(s).mean(1), (0, S - len(r))))  # A[j + d, j] at index j
     return cols, torch.stack(band, -1)
 
 
-def _boundaries(q: Tensor, k: Tensor, scale: float, o: dict) -> list[Tensor]:
-    """Chunk starts per batch row (each begins with 0)."""
-    B, S = k.shape[0], k.shape[2]
-    if o["chunking"] == "fixed":
-        return [torch.arange(0, S, o["chunk_size"])] * B
-    w = o["boundary_window"]
+def _boundary_ratio(q: Tensor, k: Tensor, scale: float, w: int) -> Tensor:
+    """The spec's mass ratio [B, n] of candidates c = w - 1 + index (a full window and rows after
+    c + w), every batch row at once."""
+    S = k.shape[2]
     cols, band = _column_mass(q, k, scale, w)
+    c = torch.arange(w - 1, max(w - 1, S - w - 1), device=q.device)  # [n]
+    j = c.view(-1, 1) + torch.arange(-w + 1, w + 1, device=q.device).view(1, -1)  # [n, 2w] columns around c
+    upto = c.view(-1, 1) + w - j  # rows j .. c + w are excluded: band offsets 0 .. upto
+    d = torch.arange(2 * w, device=q.device).view(1, 1, -1)
+    near = (band[:, j] * (d <= upto.unsqueeze(-1))).sum(-1)  # [B, n, 2w]
+    mass = cols[:, j] - near  # Σ_{r > c + w} A[r, j]
+    past, fut = mass[..., :w].sum(-1), mass[..., w:].sum(-1)
+    eps = 1e-6
+    return (torch.maximum(past, fut) + eps) / (torch.minimum(past, fut) + eps)
+
+
+def _nms(ratio: Tensor, threshold: float, window: int, cap: int) -> Tensor:
+    """Greedy 1-D non-maximum suppression, every batch row at once: walk each row's candidates by
+    ratio (descending, stable), keep one over ``threshold`` unless a kept one lies closer than
+    ``window``, at most ``cap``. Returns keep bool [B, n] on the host.
+
+    The walk is sequential in rank order by definition, so it runs on the host after one transfer
+    (a host sync); each step decides the next candidate of every batch row with a few tensor ops."""
+    r = ratio.cpu()  # host sync
+    B, n = r.shape
+    order = torch.argsort(r, dim=1, descending=True, stable=True)  # [B, n]
+    over = r.gather(1, order) > threshold  # a prefix of each row: ratios only fall
+    keep = torch.zeros(B, n, dtype=torch.bool)
+    blocked = torch.zeros(B, n + 2 * window, dtype=torch.bool)  # padded by window on both sides
+    count = torch.zeros(B, dtype=torch.long)
+    rows, near = torch.arange(B), torch.arange(1, 2 * window)  # x blocks x - window + 1 .. x + window - 1
+    for i in range(n):  # rank positions, all rows at once
+        live = over[:, i] & (count < cap)
+        if not live.any():
+            break  # counts only grow: no row keeps anything more
+        x = order[:, i]
+        ok = live & ~blocked[rows, x + window]
+        keep[rows, x] |= ok
+        count += ok
+        blocked[rows.unsqueeze(1), x.unsqueeze(1) + near] |= ok.unsqueeze(1)
+    return keep
+
+
+def _boundaries(q: Tensor, k: Tensor, scale: float, o: dict) -> Tensor:
+    """Chunk starts [B, Nc] (each row begins with 0; rows with fewer chunks are padded with S)."""
+    B, S, dev = k.shape[0], k.shape[2], k.device
+    if o["chunking"] == "fixed":
+        return torch.arange(0, S, o["chunk_size"], device=dev).expand(B, -1).contiguous()
+    w = o["boundary_window"]
     max_chunks = o["max_chunks"] or max(1, S // o["chunk_size"])
-    out = []
-    for b in range(B):
-        c = torch.arange(w - 1, max(w - 1, S - w - 1))  # candidates with a full window and rows after c + w
-        if len(c) == 0:
-            out.append(torch.tensor([0]))
-            continue
-        j = c.view(-1, 1) + torch.arange(-w + 1, w + 1).view(1, -1)  # [n, 2w] columns around c
-        upto = c.view(-1, 1) + w - j  # rows j .. c + w are excluded: band offsets 0 .. upto
-        d = torch.arange(2 * w).view(1, 1, -1)
-        near = (band[b][j] * (d <= upto.unsqueeze(-1))).sum(-1)
-        mass = cols[b][j] - near  # Σ_{r > c + w} A[r, j]
-        past, fut = mass[:, :w].sum(1), mass[:, w:].sum(1)
-        eps = 1e-6
-        ratio = (torch.maximum(past, fut) + eps) / (torch.minimum(past, fut) + eps)
-        keep = []
-        for idx in torch.argsort(ratio, descending=True, stable=True).tolist():
-            if ratio[idx] <= o["threshold"] or len(keep) >= max_chunks - 1:
-                break
-            if all(abs(idx - k_) >= o["nms_window"] for k_ in keep):
-                keep.append(idx)
-        starts = sorted({0, *(int(c[i]) + 1 for i in keep)})
-        out.append(torch.tensor(starts))
-    return out
+    if S - w - 1 <= w - 1:  # no candidate
+        return torch.zeros(B, 1, dtype=torch.long, device=dev)
+    keep = _nms(_boundary_ratio(q, k, scale, w), o["threshold"], o["nms_window"], max_chunks - 1)
+    Nc = int(keep.sum(1).max()) + 1  # a host value already: the chunk count is a shape
+    at = torch.zeros(B, S, dtype=torch.bool)
+    at[:, 0] = True
+    at[:, w : w + keep.shape[1]] = keep  # a boundary after candidate c = w - 1 + index: start c + 1
+    starts = torch.where(at, torch.arange(S), S).sort(dim=1).values[:, :Nc].contiguous()
+    return starts.to(dev)
 
 
 def _allowed(sel: ChunkSelection, b: Tensor, q_idx: Tensor, kv_idx: Tensor, off: int) -> Tensor:
@@ -161,143 +206,68 @@ def _allowed(sel: ChunkSelection, b: Tensor, q_idx: Tensor, kv_idx: Tensor, off:
     return (kv_idx <= p) & (p >= 0) & ((kv_idx > p - sel.local) | (kv_idx < sel.sinks) | (rest & chosen))
 
 
-@torch.no_grad()
-def select(q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, **opts) -> ChunkSelection:
-    o = {**DEFAULTS, **opts}
+def _chunk_sums(x: Tensor, chunk: Tensor, Nc: int) -> tuple[Tensor, Tensor]:
+    """Per-chunk sums [B, Nc, D] and counts [B, Nc] of x [B, L, D] under chunk ids [B, L], all rows
+    in one index_add (rows go to disjoint slots, so each slot sums in the same order as alone)."""
+    B, L, D = x.shape
+    flat = (chunk + torch.arange(B, device=x.device).view(-1, 1) * Nc).flatten()
+    sums = torch.zeros(B * Nc, D, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(B * L, D))
+    ones = torch.ones(B * L, dtype=torch.long, device=x.device)
+    counts = torch.zeros(B * Nc, dtype=torch.long, device=x.device).index_add_(0, flat, ones)
+    return sums.view(B, Nc, D), counts.view(B, Nc)
+
+
+def _decide(q: Tensor, k: Tensor, scale: float | None, o: dict):
+    """The selection up to its block decisions: (ChunkSelection without layout, visited, full
+    [B, 1, nQB, nKB]). On q's device; with fixed chunking it has no host sync (a test runs it on meta)."""
     B, H, T, D = q.shape
-    S = k.shape[2]
+    S, dev = k.shape[2], q.device
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf = q.to(ct), k.to(ct)
-    off = S - T
-    if o["chunking"] == "boundary" and T != S:
-        raise ValueError("chunking='boundary' needs self-attention (T == S); use chunking='fixed' for KV caches")
-    starts = _boundaries(qf, kf, resolve_scale(scale, D), o)
-    Nc = max(len(s) for s in starts)
-    chunk_of = torch.stack([torch.bucketize(torch.arange(S), s, right=True) - 1 for s in starts])  # [B, S]
-    counts = torch.stack([torch.bincount(co, minlength=Nc) for co in chunk_of])  # [B, Nc]
-    k_mean = kf.mean(1)  # [B, S, D] over kv heads
-    k_bar = torch.stack([torch.zeros(Nc, D, dtype=ct).index_add_(0, chunk_of[b], k_mean[b]) for b in range(B)])
+    lo_c = _boundaries(qf, kf, resolve_scale(scale, D), o)  # [B, Nc] chunk starts
+    Nc = lo_c.shape[1]
+    chunk_of = torch.searchsorted(lo_c, torch.arange(S, device=dev).expand(B, S).contiguous(), right=True) - 1
+    k_sum, counts = _chunk_sums(kf.mean(1), chunk_of, Nc)  # over kv heads, then tokens
     norm = counts.clamp(min=1).to(ct)
-    k_bar = k_bar / norm.unsqueeze(-1) * norm.sqrt().unsqueeze(-1)  # sqrt(|c|) * mean
+    k_bar = k_sum / norm.unsqueeze(-1) * norm.sqrt().unsqueeze(-1)  # sqrt(|c|) * mean
     # query chunks: the key chunks of the query positions
-    p = torch.arange(T) + off
+    p = torch.arange(T, device=dev) + S - T
     q_chunk = chunk_of[:, p.clamp(min=0)]  # [B, T]
-    q_mean = qf.mean(1)  # [B, T, D]
-    q_sum = torch.stack([torch.zeros(Nc, D, dtype=ct).index_add_(0, q_chunk[b], q_mean[b]) for b in range(B)])
-    q_cnt = torch.stack([torch.bincount(q_chunk[b], minlength=Nc) for b in range(B)]).clamp(min=1).to(ct)
+    q_sum, q_cnt = _chunk_sums(qf.mean(1), q_chunk, Nc)
+    q_cnt = q_cnt.clamp(min=1).to(ct)
     q_bar = q_sum / q_cnt.unsqueeze(-1) * q_cnt.sqrt().unsqueeze(-1)
     score = q_bar @ k_bar.transpose(1, 2)  # [B, Nc(query), Nc(key)]
     # rank key chunks per query chunk: score desc, ties to the more recent chunk
     order = Nc - 1 - torch.sort(score.flip(-1), dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(Nc).expand_as(order))
-
-    lo_c = torch.stack(_pad_starts(starts, Nc, S))  # [B, Nc] chunk starts
-    hi_c = torch.cat([lo_c[:, 1:], torch.full((B, 1), S)], 1)  # exclusive ends
-    block = block_sizes()
-    filled = [_fill_budgets(lo_c[b], hi_c[b], order[b], rank[b], chunk_of[b], p, S, o, block) for b in range(B)]
-    take, cut, visited, full = (torch.stack(x) for x in zip(*filled))
-    visited, full = visited.unsqueeze(1), full.unsqueeze(1)  # [B, 1, nQB, nKB]: shared by heads
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(Nc, device=dev).expand_as(order))
+    hi_c = torch.cat([lo_c[:, 1:], torch.full((B, 1), S, device=dev)], 1)  # exclusive ends
+    # A row with a rest range has room = budget - local - sinks. Chunks are at least min_size long
+    # (boundaries keep nms_window apart and w from the ends), so it takes at most room // min_size
+    # of them whole, plus the ones cut short by the sinks and by its window, plus the one it takes in
+    # part: a static bound on its chosen chunks (no host read of the actual maximum).
+    min_size = o["chunk_size"] if o["chunking"] == "fixed" else min(o["nms_window"], o["boundary_window"])
+    k_max = min(Nc, max(0, o["budget"] - o["local"] - o["sinks"]) // min_size + 3)
+    filled = fill_budgets(lo_c, hi_c, order, rank, chunk_of, p, S, o, block_sizes(), k_max, _ROWS_ELEMS)
+    take, cut, visited, full = filled
     sel = ChunkSelection(chunk_of, rank, take, cut, None, o["local"], o["sinks"])
+    return sel, visited.unsqueeze(1), full.unsqueeze(1)  # shared by heads
+
+
+@torch.no_grad()
+def select(q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, **opts) -> ChunkSelection:
+    """Chunk, score and fill every row's budget with batched ops on q's device. Host syncs: the
+    layout's width (a shape), and with boundary chunking the NMS walk and the chunk count."""
+    o = {**DEFAULTS, **opts}
+    T, S = q.shape[2], k.shape[2]
+    if o["chunking"] == "boundary" and T != S:
+        raise ValueError("chunking='boundary' needs self-attention (T == S); use chunking='fixed' for KV caches")
+    sel, visited, full = _decide(q, k, scale, o)
+    off = S - T
 
     def dhsa(bb, h, q_idx, kv_idx):
         return _allowed(sel, bb, q_idx, kv_idx, off)
 
-    return sel._replace(layout=layout_from_blocks(visited, full, T, S, block, dhsa, selected=True))
-
-
-def _fill_budgets(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: tuple[int, int]):
-    """Budget filling for every query row of one batch row, exactly, in O(T + P * Nc) work.
-
-    lo_c, hi_c [Nc]: chunk bounds; order, rank [Nc, Nc]: key chunks by rank / ranks, per query chunk;
-    chunk_of [S]; p [T]: key positions of the rows. Returns take, cut [T] and the block
-    classification visited, full [nQB, nKB]. Rows go in block-aligned passes: a pass of n rows
-    meets at most n pairs, so it holds O(n * Nc) elements.
-    """
-    T, (Bq, Bk), Nc = len(p), block, lo_c.shape[0]
-    take, cut = torch.empty(T, dtype=torch.long), torch.empty(T, dtype=torch.long)
-    visited = torch.zeros(math.ceil(T / Bq), math.ceil(S / Bk), dtype=torch.bool)
-    full = torch.zeros_like(visited)
-    step = Bq * max(1, _ROWS_ELEMS // (Bq * (Nc + 2)))
-    for r0 in range(0, T, step):
-        r = slice(r0, min(T, r0 + step))
-        qb = slice(r0 // Bq, math.ceil(r.stop / Bq))
-        take[r], cut[r], visited[qb], full[qb] = _fill_rows(lo_c, hi_c, order, rank, chunk_of, p[r], S, o, block)
-    return take, cut, visited, full
-
-
-def _fill_rows(lo_c, hi_c, order, rank, chunk_of, p, S: int, o: dict, block: tuple[int, int]):
-    """_fill_budgets for a run of rows starting at a query-block boundary.
-
-    Row p's rest range [sinks, R), R = p - local + 1, meets exactly the chunks up to e, the chunk
-    holding key R - 1: each whole (clamped at the sinks) but e, which holds s = R - max(lo_e, sinks)
-    keys. So the fill depends on the row only through the pair (query chunk u, e), shared by runs of
-    rows (P <= 2 Nc + 1 pairs in all), and two scalars: s and the room left by the sinks and local
-    window.
-    """
-    sinks, local, budget = o["sinks"], o["local"], o["budget"]
-    Nc = lo_c.shape[0]
-    size = (hi_c - lo_c.clamp(min=sinks)).clamp(min=0)  # [Nc] each chunk's keys in the rest ranges
-    R = p - local + 1  # [T] exclusive end of each row's rest range
-    rest = R > sinks
-    u = chunk_of[p.clamp(min=0)]  # [T] query chunk
-    e = torch.where(rest, chunk_of[(R - 1).clamp(0, S - 1)], -1)  # [T]; -1: no rest range
-    pair_key, pair = torch.unique_consecutive(u * (Nc + 1) + e + 1, return_inverse=True)  # rows come in runs
-    L, n_list, pos_e, csum = _pair_lists(order, size, pair_key // (Nc + 1), pair_key % (Nc + 1) - 1)
-    # A row's running total over its list is csum, less d = size_e - s from e's place on.
-    ec = e.clamp(min=0)
-    d = torch.where(rest, size[ec] - (R - lo_c[ec].clamp(min=sinks)), 0)  # [T]
-    n_local = (p + 1).clamp(0, local)
-    n_sink = torch.minimum(p + 1 - n_local, torch.full_like(p, sinks)).clamp(min=0)
-    room = (budget - n_local - n_sink).clamp(min=0)  # [T]
-    pad = S + budget + 1  # above any total or room: list slots past the end never fit
-    band = torch.arange(len(pair_key)).unsqueeze(1) * (pad + 1)  # one sorted band per pair
-    flat = (torch.where(torch.arange(Nc) < n_list.unsqueeze(1), csum, pad) + band).flatten()
-
-    def fits(v: Tensor) -> Tensor:  # [T] list entries whose running total is <= v
-        return torch.searchsorted(flat, v + band[pair, 0], right=True) - pair * Nc
-
-    t1, pe = fits(room), pos_e[pair]
-    k = torch.where(t1 < pe, t1, fits(room + d))  # chunks taken whole: a prefix of the list
-    over = k < n_list[pair]  # the list's chunk k overflows: its most recent keys fill the rest
-    star = L[pair, k.clamp(max=Nc - 1)]
-    j = (k - 1).clamp(min=0)
-    before = torch.where(k > 0, csum[pair, j] - torch.where(j >= pe, d, 0), 0)
-    cut = torch.where(over, torch.minimum(hi_c[star], R) - (room - before), S)
-    take = torch.where(over, rank[u, star], Nc)
-    visited, full = _classify(lo_c, hi_c, L, pair, k, k + over.long(), cut, p, S, o, block)
-    return take, cut, visited, full
-
-
-def _pair_lists(order: Tensor, size: Tensor, pu: Tensor, pe: Tensor):
-    """Per pair (query chunk pu, last rest chunk pe; -1 = none), [P]: the nonempty chunks <= pe in
-    rank order L [P, Nc] (first n_list [P] slots), e's slot pos_e [P], and the running totals of
-    whole sizes along L, csum [P, Nc]."""
-    ranked = order[pu]  # [P, Nc]
-    keep = (ranked <= pe.unsqueeze(1)) & (size[ranked] > 0)
-    L = ranked.gather(1, torch.argsort((~keep).to(torch.uint8), dim=1, stable=True))  # kept first
-    n_list = keep.sum(1)
-    pos_e = torch.where(pe >= 0, (L == pe.unsqueeze(1)).int().argmax(1), L.shape[1])
-    return L, n_list, pos_e, size[L].cumsum(1)
-
-
-def _classify(lo_c, hi_c, L, pair, k, n_chosen, cut, p, S: int, o: dict, block: tuple[int, int]):
-    """visited, full [ceil(n / Bq), nKB] from each row's intervals: sinks, the local window, its
-    first n_chosen list chunks (the one at slot k from cut on)."""
-    sinks, local = o["sinks"], o["local"]
-    K = int(n_chosen.max()) if len(p) else 0
-    slots = torch.arange(K)
-    pr, R = p.unsqueeze(1), p.unsqueeze(1) - local + 1
-    c = L[pair, :K]  # [n, K]
-    lo = torch.where(slots == k.unsqueeze(1), torch.maximum(lo_c[c], cut.unsqueeze(1)), lo_c[c]).clamp(min=sinks)
-    hi = torch.where(slots < n_chosen.unsqueeze(1), torch.minimum(hi_c[c], R), lo)
-    lo = torch.cat([lo, torch.zeros_like(pr), R.clamp(min=sinks)], 1)  # + sinks, local window
-    hi = torch.cat([hi, (pr + 1).clamp(max=sinks), pr + 1], 1)
-    return interval_blocks(lo.int(), hi.int(), S, block)  # int32: half the traffic, faster division
-
-
-def _pad_starts(starts: list[Tensor], Nc: int, S: int) -> list[Tensor]:
-    """Chunk starts padded to Nc with S (empty chunks) so batch rows stack."""
-    return [torch.cat([s, torch.full((Nc - len(s),), S)]) for s in starts]
+    return sel._replace(layout=layout_from_blocks(visited, full, T, S, block_sizes(), dhsa, selected=True))
 
 
 def attention(
