@@ -160,10 +160,11 @@ def _nms(ratio: Tensor, threshold: float, window: int, cap: int) -> Tensor:
     B, n = r.shape
     order = torch.argsort(r, dim=1, descending=True, stable=True)  # [B, n]
     over = r.gather(1, order) > threshold  # a prefix of each row: ratios only fall
-    keep = torch.zeros(B, n, dtype=torch.bool)
-    blocked = torch.zeros(B, n + 2 * window, dtype=torch.bool)  # padded by window on both sides
-    count = torch.zeros(B, dtype=torch.long)
-    rows, near = torch.arange(B), torch.arange(1, 2 * window)  # x blocks x - window + 1 .. x + window - 1
+    keep = torch.zeros(B, n, dtype=torch.bool)  # host: the greedy walk runs on the host
+    blocked = torch.zeros(B, n + 2 * window, dtype=torch.bool)  # host: padded by window on both sides
+    count = torch.zeros(B, dtype=torch.long)  # host: the greedy walk runs on the host
+    # x blocks x - window + 1 .. x + window - 1
+    rows, near = torch.arange(B), torch.arange(1, 2 * window)  # host: the greedy walk runs on the host
     for i in range(n):  # rank positions, all rows at once
         live = over[:, i] & (count < cap)
         if not live.any():
@@ -187,10 +188,10 @@ def _boundaries(q: Tensor, k: Tensor, scale: float, o: dict) -> Tensor:
         return torch.zeros(B, 1, dtype=torch.long, device=dev)
     keep = _nms(_boundary_ratio(q, k, scale, w), o["threshold"], o["nms_window"], max_chunks - 1)
     Nc = int(keep.sum(1).max()) + 1  # a host value already: the chunk count is a shape
-    at = torch.zeros(B, S, dtype=torch.bool)
+    at = torch.zeros(B, S, dtype=torch.bool)  # host: built from the host-side NMS, moved once below
     at[:, 0] = True
     at[:, w : w + keep.shape[1]] = keep  # a boundary after candidate c = w - 1 + index: start c + 1
-    starts = torch.where(at, torch.arange(S), S).sort(dim=1).values[:, :Nc].contiguous()
+    starts = torch.where(at, torch.arange(S), S).sort(dim=1).values[:, :Nc].contiguous()  # host: as `at`
     return starts.to(dev)
 
 
