@@ -11,7 +11,7 @@
 #   0. wheels/*.whl (e.g. a carried fla-core wheel) installed with --no-deps into $OUT-independent
 #      /tmp/attnlab-site, put first on PYTHONPATH;
 #   a. attnlab check --device cuda --verbose          -> $OUT/check.txt
-#   b. pytest on the CUDA tests (test_hf_cuda.py, the contract's cuda-* ids)   -> $OUT/pytest.txt
+#   b. pytest on the CUDA tests (test_cuda.py: the Flex path; test_hf_cuda.py; the contract's cuda-* ids) -> $OUT/pytest.txt
 #   c. attnlab bench --device cuda, full preset, 16K and 64K, causal, bf16     -> $OUT/bench/
 #   then a summary ($OUT/summary.txt and stdout).
 # $OUT gets at most 8 files (the device tool's limit): check.txt, pytest.txt, summary.txt, and
@@ -45,7 +45,7 @@ else  # the dry run on a CPU: the same steps, tiny
     BENCH_ARGS=(--device cpu --preset quick --lengths 256 --masks causal --dtype fp32 --modes fwd
         --mechanisms ${BENCH_MECHANISMS:-sliding_window lightning} --flex sliding_window)
 fi
-PYTEST_ARGS=(-o addopts= -q -rfEx -p no:cacheprovider --maxfail="${MAXFAIL:-10}" -k cuda tests/test_hf_cuda.py tests/test_contract.py)
+PYTEST_ARGS=(-o addopts= -q -rfEx -p no:cacheprovider --maxfail="${MAXFAIL:-10}" -k cuda tests/test_cuda.py tests/test_hf_cuda.py tests/test_contract.py)
 
 mkdir -p "$OUT/bench"
 SUMMARY=()
