@@ -1,0 +1,253 @@
+"""torch.compile support: an attention call is one opaque custom operator in the compiled graph.
+
+The executor plans each layout in Python: it reads tensor values (block lists, run lengths) and
+makes shapes from them, so dynamo breaks the graph at every such read (39 times for one
+``sliding_window`` call), ``fullgraph=True`` fails, and every new sequence length recompiles. The
+linear family traces, but its chunking specializes on the length. So while compiling, a call goes
+through ``attnlab::attention`` (``torch.library.custom_op``): dynamo sees one op whose fake gives
+``out [B, H, T, Dv]`` from the input shapes, and at run time the op calls the ordinary eager path
+with the real tensors, which looks up (or builds and caches) the layout for the real T and S. With
+``dynamic=True`` a new length is a new symbolic size, not a recompile.
+
+What travels through the op: q, k, v, the mechanism and impl names, the scale, and a JSON *spec*
+holding ``causal`` and the non-tensor options, with the tensor options (``document_ids``, region
+``groups``/``rules``...) in a Tensor list the spec points into. Option values are validated inside
+the op, by the same code as in eager mode, so a bad value raises the same ValueError when the
+compiled function runs.
+
+Backward: ``attnlab::attention_backward`` runs the forward again under autograd and calls
+``torch.autograd.grad``. It is exact (the same eager code computes both) and costs one extra
+forward per backward; the executor's own backward already re-reads q, k, v, out and LSE, and no
+intermediate of the forward can be kept across the op boundary without materializing it as an
+output. Measured at T=2048 on 2 CPU cores, see README "torch.compile".
+
+Not routed through the op (``traced``): dense SDPA, which PyTorch compiles natively, the
+``impl="reference"`` oracle, and the mechanisms whose fast path is plain traceable tensor code
+(``TRACED`` below). A call the op cannot carry runs eagerly behind exactly one graph break
+(``torch._dynamo.disable``): a precomputed ``selection=`` object, an option value that is not
+None/bool/int/float/str/tuple/list/Tensor, a tensor option that requires grad (the op would drop
+its gradient), or ``attention_lse`` of a mechanism without an executor LSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import torch
+from torch import Tensor
+from torch._C import DispatchKey
+
+from attnlab.core import AttentionOutput, check_qkv, compute_dtype, resolve_scale
+
+# Fast paths dynamo traces without a graph break: they stay in the graph, where the compiler can
+# fuse them with the projections around them. Dense SDPA compiles natively; the others are plain
+# tensor code (their learned tensor options, MoH gates or fixed-pattern weights, get gradients).
+TRACED = frozenset(
+    {
+        ("dense", "sdpa"),
+        ("moh", "sdpa"),
+        ("dha", "grouped_sdpa"),
+        ("differential", "two_maps"),
+        ("fixed_pattern", "chunked"),
+    }
+)
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.")
+
+
+# -- the spec: causal and the options as JSON, traced by dynamo into a constant -------------------
+
+
+def _encode(value, tensors: list[Tensor]) -> str | None:
+    """JSON for one option value (tensors appended to ``tensors`` and referenced by index), or
+    None when the value cannot travel. Written without ``json.dumps`` so dynamo traces it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return '{"float": "' + repr(value) + '"}'  # repr round-trips, inf and nan included
+    if isinstance(value, str):
+        return '"' + value + '"' if all(c in _SAFE for c in value) else None
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        return '{"tensor": ' + str(len(tensors) - 1) + "}"
+    if isinstance(value, (tuple, list)):
+        parts = [_encode(x, tensors) for x in value]
+        if any(p is None for p in parts):
+            return None
+        body = "[" + ", ".join(parts) + "]"
+        return '{"tuple": ' + body + "}" if isinstance(value, tuple) else body
+    return None
+
+
+def encode(causal, options: dict) -> tuple[str, list[Tensor]] | None:
+    """(spec, tensors) for a call's ``causal`` and options, or None when some value can't travel."""
+    tensors: list[Tensor] = []
+    parts = []
+    for name, value in (("causal", causal), *options.items()):
+        text = _encode(value, tensors)
+        if text is None or not all(c in _SAFE for c in name):
+            return None
+        parts.append('"' + name + '": ' + text)
+    return "{" + ", ".join(parts) + "}", tensors
+
+
+def _decode_value(x, tensors: list[Tensor]):
+    if isinstance(x, list):
+        return [_decode_value(y, tensors) for y in x]
+    if isinstance(x, dict):
+        (kind, inner), *_ = x.items()
+        if kind == "float":
+            return float(inner)
+        if kind == "tensor":
+            return tensors[inner]
+        return tuple(_decode_value(y, tensors) for y in inner)
+    return x
+
+
+def decode(spec: str, tensors: list[Tensor]) -> tuple[object, dict]:
+    """Inverse of :func:`encode`: (causal, options)."""
+    options = {name: _decode_value(x, tensors) for name, x in json.loads(spec).items()}
+    return options.pop("causal"), options
+
+
+# -- the operators ---------------------------------------------------------------------------------
+
+
+def _eager(q, k, v, mechanism, spec, tensors, scale, impl, need_lse) -> AttentionOutput:
+    """The ordinary eager call (validation, layout lookup, fast path) with the real tensors."""
+    from attnlab import registry  # registry imports this module
+
+    causal, options = decode(spec, tensors)
+    return registry._run(q, k, v, mechanism, causal, scale, impl, options, need_lse)
+
+
+def _owned(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
+    """Contiguous (as the fake promises) and never an alias of an input (custom op rule)."""
+    x = x.contiguous()
+    if any(x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in inputs):
+        x = x.clone()
+    return x
+
+
+@torch.library.custom_op("attnlab::attention", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], mechanism: str, spec: str, scale: float | None, impl: str
+) -> Tensor:
+    out = _eager(q, k, v, mechanism, spec, tensors, scale, impl, False).out
+    return _owned(out, (q, k, v, *tensors))
+
+
+@torch.library.custom_op("attnlab::attention_lse", mutates_args=())
+def _attention_lse_op(
+    q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], mechanism: str, spec: str, scale: float | None, impl: str
+) -> tuple[Tensor, Tensor]:
+    out, lse = _eager(q, k, v, mechanism, spec, tensors, scale, impl, True)
+    if lse is None:
+        raise RuntimeError(f"{mechanism} returned no LSE inside attnlab::attention_lse")
+    inputs = (q, k, v, *tensors)
+    return _owned(out, inputs), _owned(lse.to(compute_dtype(q.dtype)), inputs)
+
+
+@torch.library.custom_op("attnlab::attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tensors: list[Tensor],
+    mechanism: str,
+    spec: str,
+    scale: float | None,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv: the forward again under autograd, then its vector-Jacobian product."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    with _autograd_enabled():
+        out = _eager(*leaves, mechanism, spec, tensors, scale, impl, False).out
+        grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+    return tuple(
+        torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous()
+        for x, g in zip(leaves, grads)
+    )
+
+
+@contextlib.contextmanager
+def _autograd_enabled():
+    """An op's kernel runs below autograd: the dispatcher excludes the autograd keys (and no_grad
+    alone would not bring them back). The backward's recompute needs them for this block only."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (DispatchKey.AutogradFunctionality, DispatchKey.AutogradOther, DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def _out_shape(q: Tensor, v: Tensor) -> tuple:
+    return (*q.shape[:3], v.shape[3])  # [B, H, T, Dv]
+
+
+@_attention_op.register_fake
+def _(q, k, v, tensors, mechanism, spec, scale, impl):
+    return q.new_empty(_out_shape(q, v))
+
+
+@_attention_lse_op.register_fake
+def _(q, k, v, tensors, mechanism, spec, scale, impl):
+    return q.new_empty(_out_shape(q, v)), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, tensors, mechanism, spec, scale, impl):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tensors, ctx.mechanism, ctx.spec, ctx.scale, ctx.impl = inputs
+    ctx.n_tensors = len(tensors)
+    ctx.save_for_backward(q, k, v, *tensors)
+
+
+def _backward(ctx, dout, _dlse=None):
+    """The LSE carries no gradient, as in eager mode (the executor marks it non-differentiable)."""
+    q, k, v, *tensors = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, tensors, ctx.mechanism, ctx.spec, ctx.scale, ctx.impl)
+    return dq, dk, dv, [None] * ctx.n_tensors, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- dispatch while compiling ----------------------------------------------------------------------
+
+
+def traced(mechanism: str, impl_name: str) -> bool:
+    """Whether the compiled graph should trace this fast path itself instead of calling the op."""
+    return (mechanism, impl_name) in TRACED
+
+
+def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool) -> AttentionOutput:
+    """``registry._run`` while dynamo traces: one custom op, or one graph break when the call can't
+    travel through it (see the module docstring)."""
+    packed = encode(causal, options)
+    lse_ok = mech.layout is not None or mech.select is not None  # the executor returns an LSE
+    if packed is None or (need_lse and not lse_ok) or any(t.requires_grad for t in packed[1]):
+        return _eager_break(q, k, v, mech.name, causal, scale, impl, options, need_lse)
+    spec, tensors = packed
+    check_qkv(q, k, v)  # shape errors raise while tracing; option errors raise inside the op
+    scale = None if scale is None else resolve_scale(scale, q.shape[-1])
+    if need_lse:
+        return AttentionOutput(*_attention_lse_op(q, k, v, tensors, mech.name, spec, scale, impl))
+    return AttentionOutput(_attention_op(q, k, v, tensors, mech.name, spec, scale, impl), None)
+
+
+@torch._dynamo.disable
+def _eager_break(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> AttentionOutput:
+    from attnlab import registry
+
+    return registry._run(q, k, v, mechanism, causal, scale, impl, options, need_lse)
