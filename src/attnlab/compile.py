@@ -36,7 +36,7 @@ import json
 
 import torch
 from torch import Tensor
-from torch._C import DispatchKey
+from torch._C import DispatchKey, DispatchKeySet
 
 from attnlab.core import AttentionOutput, check_qkv, compute_dtype, resolve_scale
 
@@ -126,6 +126,26 @@ def _eager(q, k, v, mechanism, spec, tensors, scale, impl, need_lse) -> Attentio
     return registry._run(q, k, v, mechanism, causal, scale, impl, options, need_lse)
 
 
+# A plain eager call's dispatch state: factory functions select their backend, views track
+# versions, and every key above the backend is live except autocast (off in any custom op).
+_INCLUDE = DispatchKeySet(DispatchKey.BackendSelect).add(DispatchKey.ADInplaceOrView)
+_LIVE = [key for name, key in DispatchKey.__members__.items() if not name.startswith("Autocast")]
+
+
+@contextlib.contextmanager
+def _as_eager(grad: bool):
+    """The dispatch state of a plain eager call, for the call inside an op's kernel.
+
+    A kernel runs with the dispatch keys above it excluded: autograd always (no_grad alone would
+    not bring it back for the backward's recompute), and under a dispatch mode (AOT autograd's
+    runtime wrapper installs one) also vmap, which the layouts' mask predicates use."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _LIVE:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(_INCLUDE, exclude), torch.set_grad_enabled(grad):
+        yield
+
+
 def _owned(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
     """Contiguous (as the fake promises) and never an alias of an input (custom op rule)."""
     x = x.contiguous()
@@ -138,7 +158,8 @@ def _owned(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
 def _attention_op(
     q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], mechanism: str, spec: str, scale: float | None, impl: str
 ) -> Tensor:
-    out = _eager(q, k, v, mechanism, spec, tensors, scale, impl, False).out
+    with _as_eager(grad=False):
+        out = _eager(q, k, v, mechanism, spec, tensors, scale, impl, False).out
     return _owned(out, (q, k, v, *tensors))
 
 
@@ -146,7 +167,8 @@ def _attention_op(
 def _attention_lse_op(
     q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], mechanism: str, spec: str, scale: float | None, impl: str
 ) -> tuple[Tensor, Tensor]:
-    out, lse = _eager(q, k, v, mechanism, spec, tensors, scale, impl, True)
+    with _as_eager(grad=False):
+        out, lse = _eager(q, k, v, mechanism, spec, tensors, scale, impl, True)
     if lse is None:
         raise RuntimeError(f"{mechanism} returned no LSE inside attnlab::attention_lse")
     inputs = (q, k, v, *tensors)
@@ -167,24 +189,13 @@ def _attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv: the forward again under autograd, then its vector-Jacobian product."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    with _autograd_enabled():
+    with _as_eager(grad=True):
         out = _eager(*leaves, mechanism, spec, tensors, scale, impl, False).out
         grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
     return tuple(
         torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous()
         for x, g in zip(leaves, grads)
     )
-
-
-@contextlib.contextmanager
-def _autograd_enabled():
-    """An op's kernel runs below autograd: the dispatcher excludes the autograd keys (and no_grad
-    alone would not bring them back). The backward's recompute needs them for this block only."""
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (DispatchKey.AutogradFunctionality, DispatchKey.AutogradOther, DispatchKey.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
-        yield
 
 
 def _out_shape(q: Tensor, v: Tensor) -> tuple:

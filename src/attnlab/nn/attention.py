@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from attnlab import registry
@@ -122,9 +121,10 @@ class Attention(nn.Module):
         v = self.v_proj(src).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
         if self.rope is not None:
             shift = max(T - S, 0)  # RoPE is relative: shift both so bottom-right positions are >= 0
-            if positions is None:
-                positions = torch.arange(S - T + shift, S + shift, device=x.device)
-            q = self.rope(q, check_positions("positions", positions, B, T))
+            if positions is None:  # the offset form: no position tensor to check (and no graph break)
+                q = self.rope(q, offset=S - T + shift)
+            else:
+                q = self.rope(q, check_positions("positions", positions, B, T))
             if kv_positions is None:
                 k = self.rope(k, offset=shift)
             else:
