@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,24 +60,36 @@ _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 # -- the spec: causal and the options as JSON, traced by dynamo into a constant -------------------
 
 
-def _encode(value, tensors: list[Tensor]) -> str | None:
-    """JSON for one option value (tensors appended to ``tensors`` and referenced by index), or
-    None when the value cannot travel. Written without ``json.dumps`` so dynamo traces it."""
+class Packed(NamedTuple):
+    """A call's ``causal`` and options for the op: the JSON ``spec`` holds the structure, strings,
+    bools and None, and points by index into the other lists. Ints travel as ints, so an option
+    dynamo made symbolic (``dynamic=True``) stays symbolic instead of recompiling per value."""
+
+    spec: str
+    tensors: list[Tensor]
+    ints: list[int]
+    floats: list[float]
+
+
+def _encode(value, packed: Packed) -> str | None:
+    """JSON for one value, or None when it can't travel. Written without ``json.dumps``, which
+    dynamo can't trace."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return '{"float": "' + repr(value) + '"}'  # repr round-trips, inf and nan included
+    for kind, types, store in (
+        ("int", int, packed.ints),
+        ("float", float, packed.floats),
+        ("tensor", Tensor, packed.tensors),
+    ):
+        if isinstance(value, types):
+            store.append(value)
+            return '{"' + kind + '": ' + str(len(store) - 1) + "}"
     if isinstance(value, str):
         return '"' + value + '"' if all(c in _SAFE for c in value) else None
-    if isinstance(value, Tensor):
-        tensors.append(value)
-        return '{"tensor": ' + str(len(tensors) - 1) + "}"
     if isinstance(value, (tuple, list)):
-        parts = [_encode(x, tensors) for x in value]
+        parts = [_encode(x, packed) for x in value]
         if any(p is None for p in parts):
             return None
         body = "[" + ", ".join(parts) + "]"
@@ -84,45 +97,45 @@ def _encode(value, tensors: list[Tensor]) -> str | None:
     return None
 
 
-def encode(causal, options: dict) -> tuple[str, list[Tensor]] | None:
-    """(spec, tensors) for a call's ``causal`` and options, or None when some value can't travel."""
-    tensors: list[Tensor] = []
+def encode(causal, options: dict) -> Packed | None:
+    """The call's causal and options packed for the op, or None when some value can't travel."""
+    packed = Packed("", [], [], [])
     parts = []
     for name, value in (("causal", causal), *options.items()):
-        text = _encode(value, tensors)
+        text = _encode(value, packed)
         if text is None or not all(c in _SAFE for c in name):
             return None
         parts.append('"' + name + '": ' + text)
-    return "{" + ", ".join(parts) + "}", tensors
+    return packed._replace(spec="{" + ", ".join(parts) + "}")
 
 
-def _decode_value(x, tensors: list[Tensor]):
+def _decode_value(x, packed: Packed):
     if isinstance(x, list):
-        return [_decode_value(y, tensors) for y in x]
+        return [_decode_value(y, packed) for y in x]
     if isinstance(x, dict):
         (kind, inner), *_ = x.items()
-        if kind == "float":
-            return float(inner)
-        if kind == "tensor":
-            return tensors[inner]
-        return tuple(_decode_value(y, tensors) for y in inner)
+        if kind == "tuple":
+            return tuple(_decode_value(y, packed) for y in inner)
+        return {"int": packed.ints, "float": packed.floats, "tensor": packed.tensors}[kind][inner]
     return x
 
 
-def decode(spec: str, tensors: list[Tensor]) -> tuple[object, dict]:
+def decode(packed: Packed) -> tuple[object, dict]:
     """Inverse of :func:`encode`: (causal, options)."""
-    options = {name: _decode_value(x, tensors) for name, x in json.loads(spec).items()}
+    options = {name: _decode_value(x, packed) for name, x in json.loads(packed.spec).items()}
     return options.pop("causal"), options
 
 
 # -- the operators ---------------------------------------------------------------------------------
+#
+# Every operator takes the call as (q, k, v, tensors, ints, floats, mechanism, spec, scale, impl).
 
 
-def _eager(q, k, v, mechanism, spec, tensors, scale, impl, need_lse) -> AttentionOutput:
+def _eager(q, k, v, tensors, ints, floats, mechanism, spec, scale, impl, need_lse) -> AttentionOutput:
     """The ordinary eager call (validation, layout lookup, fast path) with the real tensors."""
     from attnlab import registry  # registry imports this module
 
-    causal, options = decode(spec, tensors)
+    causal, options = decode(Packed(spec, tensors, ints, floats))
     return registry._run(q, k, v, mechanism, causal, scale, impl, options, need_lse)
 
 
@@ -156,19 +169,39 @@ def _owned(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
 
 @torch.library.custom_op("attnlab::attention", mutates_args=())
 def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], mechanism: str, spec: str, scale: float | None, impl: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tensors: list[Tensor],
+    ints: list[int],
+    floats: list[float],
+    mechanism: str,
+    spec: str,
+    scale: float | None,
+    impl: str,
 ) -> Tensor:
+    """out [B, H, T, Dv]."""
     with _as_eager(grad=False):
-        out = _eager(q, k, v, mechanism, spec, tensors, scale, impl, False).out
+        out = _eager(q, k, v, tensors, ints, floats, mechanism, spec, scale, impl, False).out
     return _owned(out, (q, k, v, *tensors))
 
 
 @torch.library.custom_op("attnlab::attention_lse", mutates_args=())
 def _attention_lse_op(
-    q: Tensor, k: Tensor, v: Tensor, tensors: list[Tensor], mechanism: str, spec: str, scale: float | None, impl: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tensors: list[Tensor],
+    ints: list[int],
+    floats: list[float],
+    mechanism: str,
+    spec: str,
+    scale: float | None,
+    impl: str,
 ) -> tuple[Tensor, Tensor]:
+    """out [B, H, T, Dv], lse [B, H, T] in the compute dtype (fp32, fp64 for fp64 inputs)."""
     with _as_eager(grad=False):
-        out, lse = _eager(q, k, v, mechanism, spec, tensors, scale, impl, True)
+        out, lse = _eager(q, k, v, tensors, ints, floats, mechanism, spec, scale, impl, True)
     if lse is None:
         raise RuntimeError(f"{mechanism} returned no LSE inside attnlab::attention_lse")
     inputs = (q, k, v, *tensors)
@@ -182,6 +215,8 @@ def _attention_backward_op(
     k: Tensor,
     v: Tensor,
     tensors: list[Tensor],
+    ints: list[int],
+    floats: list[float],
     mechanism: str,
     spec: str,
     scale: float | None,
@@ -190,7 +225,7 @@ def _attention_backward_op(
     """dq, dk, dv: the forward again under autograd, then its vector-Jacobian product."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     with _as_eager(grad=True):
-        out = _eager(*leaves, mechanism, spec, tensors, scale, impl, False).out
+        out = _eager(*leaves, tensors, ints, floats, mechanism, spec, scale, impl, False).out
         grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
     return tuple(
         torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous()
@@ -203,22 +238,22 @@ def _out_shape(q: Tensor, v: Tensor) -> tuple:
 
 
 @_attention_op.register_fake
-def _(q, k, v, tensors, mechanism, spec, scale, impl):
+def _(q, k, v, *call):
     return q.new_empty(_out_shape(q, v))
 
 
 @_attention_lse_op.register_fake
-def _(q, k, v, tensors, mechanism, spec, scale, impl):
+def _(q, k, v, *call):
     return q.new_empty(_out_shape(q, v)), q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
 
 
 @_attention_backward_op.register_fake
-def _(dout, q, k, v, tensors, mechanism, spec, scale, impl):
+def _(dout, q, k, v, *call):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, ctx.mechanism, ctx.spec, ctx.scale, ctx.impl = inputs
+    q, k, v, tensors, *ctx.call = inputs  # call: ints, floats, mechanism, spec, scale, impl
     ctx.n_tensors = len(tensors)
     ctx.save_for_backward(q, k, v, *tensors)
 
@@ -226,8 +261,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse=None):
     """The LSE carries no gradient, as in eager mode (the executor marks it non-differentiable)."""
     q, k, v, *tensors = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(dout, q, k, v, tensors, ctx.mechanism, ctx.spec, ctx.scale, ctx.impl)
-    return dq, dk, dv, [None] * ctx.n_tensors, None, None, None, None
+    dq, dk, dv = _attention_backward_op(dout, q, k, v, tensors, *ctx.call)
+    # No gradient for the rest; an empty list argument needs an empty list (torch.library's rule).
+    rest = [[] if isinstance(x, list) and not x else None for x in ctx.call]
+    return dq, dk, dv, [None] * ctx.n_tensors, *rest
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -247,14 +284,14 @@ def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool) 
     travel through it (see the module docstring)."""
     packed = encode(causal, options)
     lse_ok = mech.layout is not None or mech.select is not None  # the executor returns an LSE
-    if packed is None or (need_lse and not lse_ok) or any(t.requires_grad for t in packed[1]):
+    if packed is None or (need_lse and not lse_ok) or any(t.requires_grad for t in packed.tensors):
         return _eager_break(q, k, v, mech.name, causal, scale, impl, options, need_lse)
-    spec, tensors = packed
     check_qkv(q, k, v)  # shape errors raise while tracing; option errors raise inside the op
     scale = None if scale is None else resolve_scale(scale, q.shape[-1])
+    call = (packed.tensors, packed.ints, packed.floats, mech.name, packed.spec, scale, impl)
     if need_lse:
-        return AttentionOutput(*_attention_lse_op(q, k, v, tensors, mech.name, spec, scale, impl))
-    return AttentionOutput(_attention_op(q, k, v, tensors, mech.name, spec, scale, impl), None)
+        return AttentionOutput(*_attention_lse_op(q, k, v, *call))
+    return AttentionOutput(_attention_op(q, k, v, *call), None)
 
 
 @torch._dynamo.disable
