@@ -116,6 +116,18 @@ def test_dynamic_lengths_compile_once():
         assert counter.frame_count == 1, name
 
 
+def test_attention_module_with_rope_compiles_once_for_every_length():
+    """RoPE's angles are computed in the graph while compiling: no table growth to specialize on."""
+    torch.manual_seed(0)
+    layer = Attention(32, 4, 2, "sliding_window", causal=True, rope=True, window=6)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, dynamic=True, fullgraph=True)
+    for T in (20, 33, 70):
+        x = torch.randn(2, T, 32)
+        torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize(
     ("mechanism", "opts"),
     [("sliding_window", {"window": 6}), ("streaming", {"sinks": 2, "window": 6}), ("document", {"lengths": (9, 15)})],

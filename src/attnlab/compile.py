@@ -9,17 +9,22 @@ through ``attnlab::attention`` (``torch.library.custom_op``): dynamo sees one op
 with the real tensors, which looks up (or builds and caches) the layout for the real T and S. With
 ``dynamic=True`` a new length is a new symbolic size, not a recompile.
 
-What travels through the op: q, k, v, the mechanism and impl names, the scale, and a JSON *spec*
-holding ``causal`` and the non-tensor options, with the tensor options (``document_ids``, region
-``groups``/``rules``...) in a Tensor list the spec points into. Option values are validated inside
-the op, by the same code as in eager mode, so a bad value raises the same ValueError when the
-compiled function runs.
+What travels through the op: q, k, v, the mechanism and impl names, the scale, and the call's
+``causal`` and options as a :class:`Packed`: a JSON spec for their structure (strings, bools,
+None, tuples, lists) pointing into a Tensor list (``document_ids``, region ``groups``/``rules``),
+an int list (symbolic under ``dynamic=True``, so a new ``window`` does not recompile either) and
+a float list. Option values are validated inside the op, by the same code as in eager mode, so a
+bad value raises the same ValueError when the compiled function runs.
 
 Backward: ``attnlab::attention_backward`` runs the forward again under autograd and calls
-``torch.autograd.grad``. It is exact (the same eager code computes both) and costs one extra
-forward per backward; the executor's own backward already re-reads q, k, v, out and LSE, and no
-intermediate of the forward can be kept across the op boundary without materializing it as an
-output. Measured at T=2048 on 2 CPU cores, see README "torch.compile".
+``torch.autograd.grad``: exact, since the same eager code computes both, at the cost of one extra
+forward per backward. Keeping the forward's autograd graph for the backward would be state
+outside the graph's tensors, which AOT's memory planning and CUDA graphs do not see. A backward
+from saved tensors alone needs an entry ``backward(q, k, v, out, lse, dout, layout)``: the CPU
+executor has one inside, but Flex (CUDA) and the linear family's autograd do not, so the recompute
+is the boundary that serves every path without reaching into the kernels. Measured forward +
+backward, B=1 H=8 T=2048 D=64 fp32 on 2 shared CPU cores, compiled (aot_eager) / eager:
+{RATIOS}.
 
 Not routed through the op (``traced``): dense SDPA, which PyTorch compiles natively, the
 ``impl="reference"`` oracle, and the mechanisms whose fast path is plain traceable tensor code

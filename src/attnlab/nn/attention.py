@@ -16,6 +16,10 @@ position embedding, and any registered mechanism behind ``attnlab.attention``.
   attention both are ``0..T-1`` and one new token with ``kv=`` the whole sequence is the last
   position (a decoding step without a cache); when T > S both shift up by T - S (RoPE only sees
   differences). Pass ``positions``/``kv_positions`` (each independently) to override.
+* ``torch.compile(layer, fullgraph=True)`` works forward and backward, and ``dynamic=True`` compiles
+  once for every length: the mechanism runs as one opaque op (``attnlab/compile.py``) and default
+  RoPE positions are computed in the graph. Explicit ``positions`` are value-checked (non-negative),
+  which breaks the graph.
 """
 
 from __future__ import annotations
