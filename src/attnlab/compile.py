@@ -23,8 +23,9 @@ outside the graph's tensors, which AOT's memory planning and CUDA graphs do not 
 from saved tensors alone needs an entry ``backward(q, k, v, out, lse, dout, layout)``: the CPU
 executor has one inside, but Flex (CUDA) and the linear family's autograd do not, so the recompute
 is the boundary that serves every path without reaching into the kernels. Measured forward +
-backward, B=1 H=8 T=2048 D=64 fp32 on 2 shared CPU cores, compiled (aot_eager) / eager:
-{RATIOS}.
+backward, B=1 H=8 T=2048 D=64 fp32 on 2 shared CPU cores, compiled (aot_eager) / eager, two
+runs: sliding_window (window 256) 1.12-1.23, document (3 documents) 1.18-1.38, linear 1.36-1.38;
+forward alone 0.88-1.05 (the op itself costs nothing measurable; the difference is the recompute).
 
 Not routed through the op (``traced``): dense SDPA, which PyTorch compiles natively, the
 ``impl="reference"`` oracle, and the mechanisms whose fast path is plain traceable tensor code
@@ -59,6 +60,7 @@ TRACED = frozenset(
     }
 )
 
+# Strings go into the spec unescaped: names and values made of these characters only, else no op.
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.")
 
 
