@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from attnlab import compile as _compile
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_causal, check_qkv, resolve_scale
 from attnlab.kernels import BlockLayout
@@ -404,6 +405,10 @@ def pattern(T: int, S: int, causal: bool) -> str:
 
 def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> AttentionOutput:
     mech = get(mechanism)
+    # While dynamo traces, fast paths it can't trace run as one opaque op (attnlab/compile.py).
+    compiling = impl != "reference" and torch.compiler.is_compiling()
+    if compiling and not any(_compile.traced(mech.name, name) for name in mech.impls):
+        return _compile.run(q, k, v, mech, causal, scale, impl, options, need_lse)
     shapes = check_qkv(q, k, v)
     resolve_scale(scale, shapes.D)
     opts = _options(mech, shapes.T, shapes.S, causal, options)
@@ -415,17 +420,25 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> Attentio
     if impl == "reference":
         ref = mech.reference(q, k, v, causal=causal, scale=scale, **opts)
         return AttentionOutput(ref.out, ref.lse)
+    name = _pick_impl(mech, q, k, v, causal, impl, opts, need_lse)
+    if compiling and not _compile.traced(mech.name, name):
+        return _compile.run(q, k, v, mech, causal, scale, name, opts, need_lse)
+    return mech.impls[name].fn(q, k, v, causal=causal, scale=scale, **opts)
+
+
+def _pick_impl(mech: Mechanism, q, k, v, causal, impl: str, opts: dict, need_lse: bool) -> str:
+    """The name of the impl that runs the call: ``auto`` takes the first that supports it."""
     if impl == "auto":
-        for cand in mech.impls.values():
+        for name, cand in mech.impls.items():
             if cand.reason(q, k, v, causal, need_lse, opts) is None:
-                return cand.fn(q, k, v, causal=causal, scale=scale, **opts)
+                return name
         raise ValueError(f"no implementation of {mech.name} can run this call")  # every record has a general impl
     if impl not in mech.impls:
         raise ValueError(f"unknown impl {impl!r} for {mech.name}; valid: auto, reference, {', '.join(mech.impls)}")
     reason = mech.impls[impl].reason(q, k, v, causal, need_lse, opts)
     if reason is not None:
         raise ValueError(f"impl {impl!r} of {mech.name} cannot run this call: {reason}")
-    return mech.impls[impl].fn(q, k, v, causal=causal, scale=scale, **opts)
+    return impl
 
 
 def attention(

@@ -16,13 +16,16 @@ position embedding, and any registered mechanism behind ``attnlab.attention``.
   attention both are ``0..T-1`` and one new token with ``kv=`` the whole sequence is the last
   position (a decoding step without a cache); when T > S both shift up by T - S (RoPE only sees
   differences). Pass ``positions``/``kv_positions`` (each independently) to override.
+* ``torch.compile(layer, fullgraph=True)`` works forward and backward, and ``dynamic=True`` compiles
+  once for every length: the mechanism runs as one opaque op (``attnlab/compile.py``) and default
+  RoPE positions are computed in the graph. Explicit ``positions`` are value-checked (non-negative),
+  which breaks the graph.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from attnlab import registry
@@ -122,9 +125,10 @@ class Attention(nn.Module):
         v = self.v_proj(src).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
         if self.rope is not None:
             shift = max(T - S, 0)  # RoPE is relative: shift both so bottom-right positions are >= 0
-            if positions is None:
-                positions = torch.arange(S - T + shift, S + shift, device=x.device)
-            q = self.rope(q, check_positions("positions", positions, B, T))
+            if positions is None:  # the offset form: no position tensor to check (and no graph break)
+                q = self.rope(q, offset=S - T + shift)
+            else:
+                q = self.rope(q, check_positions("positions", positions, B, T))
             if kv_positions is None:
                 k = self.rope(k, offset=shift)
             else:

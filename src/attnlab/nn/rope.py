@@ -62,6 +62,13 @@ class RotaryEmbedding(nn.Module):
             self._cache[key] = hit
         return hit
 
+    def angles(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [..., D] at positions [...], computed in the graph under torch.compile: the
+        same fp64 products as the tables, on the positions' device."""
+        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(positions.device)  # [..., D/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def forward(self, x: Tensor, positions: Tensor | None = None, offset: int = 0) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(f"rope input must be [B, heads, T, head_dim={self.head_dim}], got {tuple(x.shape)}")
@@ -69,6 +76,8 @@ class RotaryEmbedding(nn.Module):
         if positions is None:
             if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
                 raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+            if torch.compiler.is_compiling():  # growing the cache would specialize on the length
+                return apply_rotary(x, *self.angles(offset + torch.arange(T, device=x.device), x.dtype))
             cos, sin = self.tables(offset + T, x.device, x.dtype)
             return apply_rotary(x, cos[offset : offset + T], sin[offset : offset + T])
         positions = check_positions("positions", positions, x.shape[0], T)
