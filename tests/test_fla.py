@@ -61,16 +61,23 @@ def test_fla_is_the_first_impl_and_chunked_the_fallback():
 
 def test_reasons(monkeypatch):
     q, k, v = qkv(8, 8)
-    monkeypatch.setattr(bridge, "_import", lambda: "ModuleNotFoundError: No module named 'fla'")
-    assert "does not import" in bridge.supports(q, k, v, True)
-    monkeypatch.setattr(bridge, "_import", lambda: (None, None))
     assert "causal only" in bridge.supports(q, k, v, False)
     assert "CUDA device, got cpu" in bridge.supports(q, k, v, True)
     monkeypatch.setattr(bridge, "DEVICES", ("cuda", "cpu"))
-    assert bridge.supports(q, k, v, True) is None
     assert "fp16, bf16 or fp32, got float64" in bridge.supports(q.double(), k.double(), v.double(), True)
     assert "empty sequence" in bridge.supports(q[:, :, :0], k, v, True)
     assert "empty sequence" in bridge.supports(q, k[:, :, :0], v[:, :, :0], True)
+    monkeypatch.setattr(bridge, "_import", lambda: "ModuleNotFoundError: No module named 'fla'")
+    assert "does not import; pip install 'attnlab[cuda]': ModuleNotFoundError" in bridge.supports(q, k, v, True)
+    monkeypatch.setattr(bridge, "_import", lambda: (None, None))
+    assert bridge.supports(q, k, v, True) is None
+
+
+def test_a_cpu_call_never_imports_fla(monkeypatch):
+    monkeypatch.setattr(bridge, "_import", lambda: pytest.fail("imported fla for a CPU call"))
+    q, k, v = qkv(8, 8)
+    attnlab.attention(q, k, v, "linear", causal=True)
+    assert "CUDA device" in bridge.supports(q, k, v, True)
 
 
 def test_fp32_needs_ieee_or_accepted_tf32(monkeypatch):
@@ -97,13 +104,19 @@ def test_auto_on_cpu_runs_the_chunked_path(name, opts, causal):
 
 
 @pytest.mark.parametrize("name", ["linear", "lightning"])
-def test_explicit_fla_refuses_with_its_reason(name):
+def test_explicit_fla_refuses_with_its_reason(name, monkeypatch):
     q, k, v = qkv(8, 8)
-    missing = not bridge.available()
-    why = "does not import" if missing else "CUDA device, got cpu"
-    with pytest.raises(ValueError, match=f"impl 'fla' of {name} cannot run this call: .*{why}"):
+    with monkeypatch.context() as m:  # a device fla would serve, but fla missing
+        m.setattr(bridge, "DEVICES", ("cuda", "cpu"))
+        m.setattr(bridge, "_import", lambda: "ModuleNotFoundError: No module named 'fla'")
+        with pytest.raises(ValueError, match=f"impl 'fla' of {name} cannot run this call: .*does not import"):
+            attnlab.attention(q, k, v, name, causal=True, impl="fla")
+        assert torch.equal(  # and auto runs the torch path
+            attnlab.attention(q, k, v, name, causal=True), attnlab.attention(q, k, v, name, causal=True, impl="chunked")
+        )
+    with pytest.raises(ValueError, match=f"impl 'fla' of {name} cannot run this call: .*CUDA device, got cpu"):
         attnlab.attention(q, k, v, name, causal=True, impl="fla")
-    with pytest.raises(ValueError, match="does not import" if missing else "causal only"):
+    with pytest.raises(ValueError, match="causal only"):
         attnlab.attention(q, k, v, name, causal=False, impl="fla")
     with pytest.raises(ValueError, match="fla cannot run this call"):  # the direct call guards too
         linear.fla_chunked(q, k, v, causal=True)

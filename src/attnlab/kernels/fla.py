@@ -73,19 +73,20 @@ def fp32_reason() -> str | None:
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, causal) -> str | None:
-    """None when fla's chunk kernels can run this call, else the one-line reason."""
-    if not available():
-        return f"flash-linear-attention (fla-core) does not import; pip install 'attnlab[cuda]': {_import()}"
+    """None when fla's chunk kernels can run this call, else the one-line reason. The cheap checks
+    come first, so a CPU call never imports fla (and Triton)."""
     if not causal:
         return "fla's chunk kernels are causal only; non-causal runs the torch chunked path"
     if q.device.type not in DEVICES:
         return f"fla's Triton kernels need a CUDA device, got {q.device.type}"
     if q.dtype not in DTYPES:
         return f"fla's kernels take fp16, bf16 or fp32, got {str(q.dtype).removeprefix('torch.')}"
-    if q.dtype == torch.float32 and q.device.type == "cuda" and (reason := fp32_reason()) is not None:
-        return reason
     if q.shape[2] == 0 or k.shape[2] == 0:
         return "empty sequence"
+    if not available():
+        return f"flash-linear-attention (fla-core) does not import; pip install 'attnlab[cuda]': {_import()}"
+    if q.dtype == torch.float32 and q.device.type == "cuda":
+        return fp32_reason()
     return None
 
 
