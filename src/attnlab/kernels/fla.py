@@ -15,6 +15,9 @@ fla's conventions (fla-core 0.6.0), read from its source:
 * q and k share one head count; v may have more ("GVA"), the opposite of our GQA, so kv heads are
   repeated here. The output is in q.dtype; tiles accumulate in fp32, but fp32 inputs meet
   ``tl.dot``, which on Ampere and later GPUs rounds them to TF32 unless ``TRITON_F32_DEFAULT=ieee``.
+  The forward stores the per-chunk states in the input dtype (``states_in_fp32=False`` in
+  ``chunk_simple_gla_fwd``), so fp16/bf16 results carry the states' rounding (RMS error ~0.3-1
+  eps of the dtype, measured under the interpreter in fp16) where the torch path rounds once.
   The chunk size (64) is fla's own: our ``chunk_size`` tunes the torch path only.
 
 The mapping, so the result is the oracle's (mechanisms/linear.py) to rounding:
