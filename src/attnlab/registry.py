@@ -344,7 +344,7 @@ MECHANISMS: list[Mechanism] = [
         "linear",
         "Transformers are RNNs (Katharopoulos et al.), arXiv 2006.16236",
         None,  # not a softmax: the oracle is the parallel form
-        {"chunked": Impl(linear.attention)},
+        {"fla": Impl(linear.fla, linear.fla_supports), "chunked": Impl(linear.attention)},
         linear.check_options,
         linear.DEFAULTS,
         example=lambda S: {"chunk_size": 8},
@@ -355,7 +355,7 @@ MECHANISMS: list[Mechanism] = [
         "lightning",
         "Lightning Attention-2, arXiv 2401.04658; as in MiniCPM-SALA, arXiv 2602.11761",
         None,  # not a softmax: the oracle is the parallel form
-        {"chunked": Impl(lightning.attention)},
+        {"fla": Impl(lightning.fla, linear.fla_supports), "chunked": Impl(lightning.attention)},
         lightning.check_options,
         lightning.DEFAULTS,
         example=lambda S: {"chunk_size": 8},

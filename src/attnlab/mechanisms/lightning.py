@@ -18,6 +18,8 @@ forms (parallel oracle, chunked fast path, recurrent decoding) are linear.py's, 
   your own ``decay`` for it. qk-norm, RoPE, the output RMSNorm and gate belong to the layer.
 * Non-causal calls decay symmetrically, ``gamma ** |p_t - j|`` (see linear.py); cross calls use
   the bottom-right positions ``p_t = t + S - T``.
+* On CUDA, causal calls run flash-linear-attention's ``chunk_simple_gla`` with
+  ``g_gamma = log(gamma_h)`` (the ``fla`` impl, kernels/fla.py); elsewhere the torch chunked path.
 """
 
 from __future__ import annotations
@@ -90,6 +92,13 @@ def decay_tensor(decay, heads: int) -> Tensor:
 def attention(q, k, v, *, causal=False, scale=None, decay=None, chunk_size=linear.CHUNK_SIZE) -> AttentionOutput:
     g = decay_tensor(decay, q.shape[1])
     out = linear.chunked(q, k, v, causal=causal, scale=scale, feature_map="identity", decay=g, chunk_size=chunk_size)
+    return AttentionOutput(out, None)
+
+
+def fla(q, k, v, *, causal=False, scale=None, decay=None, chunk_size=linear.CHUNK_SIZE) -> AttentionOutput:
+    """The ``fla`` impl: fla's ``chunk_simple_gla`` with per-head log decays (causal, CUDA)."""
+    g = decay_tensor(decay, q.shape[1])
+    out = linear.fla_chunked(q, k, v, causal=causal, scale=scale, feature_map="identity", decay=g)
     return AttentionOutput(out, None)
 
 

@@ -36,6 +36,9 @@ inside a chunk a masked (decayed) C x C product, across chunks a running state
 the denominator). Memory is linear in T, never T x S; autograd runs through it (its saved tensors
 are linear in T too). The recurrent form is the same core run on new tokens with an incoming state,
 so one decode step costs O(D * Dv) whatever came before.
+
+On CUDA, causal calls run flash-linear-attention's chunk kernels instead (``kernels/fla.py``, the
+``fla`` impl, fla-core installed): the same rule, mapped onto fla's conventions there.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from torch import Tensor
 
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_qkv, compute_dtype, positive_int, resolve_scale
+from attnlab.kernels import fla as _fla
 from attnlab.kernels import linear_chunks
 
 EPS = linear_chunks.EPS
@@ -178,6 +182,28 @@ def attention(q, k, v, *, causal=False, scale=None, feature_map="elu+1", chunk_s
     return AttentionOutput(out, None)
 
 
+def fla_supports(q, k, v, causal, need_lse=False, **options) -> str | None:
+    """None when fla's kernels can run the call (kernels/fla.py), else why not."""
+    return _fla.supports(q, k, v, causal)
+
+
+def fla_chunked(q, k, v, *, causal, scale=None, feature_map="elu+1", decay=None) -> Tensor:
+    """The chunked form on fla's kernels (causal; ``decay`` [H] or None). q [B,H,T,D], k [B,Hkv,S,D],
+    v [B,Hkv,S,Dv] -> [B,H,T,Dv] in q.dtype."""
+    check_qkv(q, k, v)
+    reason = _fla.supports(q, k, v, causal)
+    if reason is not None:
+        raise ValueError(f"fla cannot run this call: {reason}")
+    feats = _features(q, k, scale, feature_map)
+    log_g = _log_decay(decay, torch.float32, q.device)
+    return _fla.causal(q, k, v, feats, log_g, identity=feature_map == "identity")
+
+
+def fla(q, k, v, *, causal=False, scale=None, feature_map="elu+1", chunk_size=CHUNK_SIZE) -> AttentionOutput:
+    """The ``fla`` impl (fla's chunk size is its own: ``chunk_size`` tunes the torch path only)."""
+    return AttentionOutput(fla_chunked(q, k, v, causal=causal, scale=scale, feature_map=feature_map), None)
+
+
 def oracle(q, k, v, *, causal=False, scale=None, feature_map="elu+1", chunk_size=CHUNK_SIZE) -> _reference.Reference:
     return parallel(q, k, v, causal=causal, scale=scale, feature_map=feature_map)
 
@@ -193,4 +219,15 @@ def recurrent(q, k, v, state=None, *, scale=None, feature_map="elu+1", chunk_siz
     return recurrent_form(q, k, v, state, scale=scale, feature_map=feature_map, chunk_size=chunk_size)
 
 
-__all__ = ["LinearState", "RecurrentOutput", "attention", "chunked", "oracle", "parallel", "recurrent"]
+__all__ = [
+    "LinearState",
+    "RecurrentOutput",
+    "attention",
+    "chunked",
+    "fla",
+    "fla_chunked",
+    "fla_supports",
+    "oracle",
+    "parallel",
+    "recurrent",
+]
