@@ -25,11 +25,6 @@ FACTORIES = {
 }  # fmt: skip
 HOST_TOOLS = ("bench/", "cli.py", "testing.py")  # host-side tools, never on a device path
 MARKER = "# host:"  # a deliberate host-side tensor (cached planning, option defaults), with a reason
-# Files (or file:function) another helper is fixing on a parallel branch. The integrator empties
-# this after merging; an entry with no findings left fails the test, so the list cannot go stale.
-PENDING = {
-    "mechanisms/lightning.py",
-}
 
 
 def _enclosing_functions(tree: ast.AST) -> dict[int, str]:
@@ -70,23 +65,13 @@ def device_findings(root: pathlib.Path = SRC) -> list[tuple[str, int, str | None
     return found
 
 
-def _pending_key(rel: str, func: str | None) -> str | None:
-    if rel in PENDING:
-        return rel
-    qualified = f"{rel}:{func}"
-    return qualified if qualified in PENDING else None
-
-
 def test_no_tensor_factory_without_device():
     findings = device_findings()
-    fresh = [f for f in findings if _pending_key(f[0], f[2]) is None]
-    report = "\n".join(f"  src/attnlab/{rel}:{line} ({func}): {src}" for rel, line, func, src in fresh)
-    assert not fresh, (
-        f"{len(fresh)} tensor factories without device= (pass device=x.device, use *_like, or mark "
+    report = "\n".join(f"  src/attnlab/{rel}:{line} ({func}): {src}" for rel, line, func, src in findings)
+    assert not findings, (
+        f"{len(findings)} tensor factories without device= (pass device=x.device, use *_like, or mark "
         f"a deliberate host tensor with '{MARKER} <reason>'):\n{report}"
     )
-    stale = PENDING - {_pending_key(rel, func) for rel, _, func, _ in findings}
-    assert not stale, f"PENDING entries with no findings left, remove them: {sorted(stale)}"
 
 
 def test_scan_catches_a_factory_and_honours_the_marker(tmp_path):

@@ -138,7 +138,7 @@ def _fla_call(name: str, opts: dict, q: Tensor, k: Tensor, v: Tensor) -> Callabl
         normalize = linear.NORMALIZED[opts.get("feature_map", "elu+1")]
         kw = _keywords(chunk_linear_attn, scale=scale, normalize=normalize, head_first=False)
         return lambda: chunk_linear_attn(bthd(phi(q)), bthd(phi(k), groups), bthd(v, groups), **kw)[0].transpose(1, 2)
-    log_gamma = torch.log(lightning.decay_tensor(opts.get("decay"), H).to(q.device, torch.float32))  # [H]
+    log_gamma = torch.log(lightning.decay_tensor(opts.get("decay"), H, q.device).float())  # [H]
     if "g_gamma" in inspect.signature(chunk_simple_gla).parameters:
         kw = _keywords(chunk_simple_gla, g_gamma=log_gamma, scale=scale, head_first=False)
         return lambda: chunk_simple_gla(bthd(q), bthd(k, groups), bthd(v, groups), **kw)[0].transpose(1, 2)

@@ -76,8 +76,8 @@ def check_options(T: int, S: int, causal, opts: dict) -> dict:
     return {"decay": check_decay(opts["decay"]), "chunk_size": positive_int("chunk_size", opts["chunk_size"])}
 
 
-def decay_tensor(decay, heads: int) -> Tensor:
-    """The validated option -> fp64 [H] (cast to the compute dtype later)."""
+def decay_tensor(decay, heads: int, device=None) -> Tensor:
+    """The validated option -> fp64 [H] on ``device`` (cast to the compute dtype later)."""
     if decay is None:
         vals = default_decay(heads)
     elif isinstance(decay, float):
@@ -86,30 +86,30 @@ def decay_tensor(decay, heads: int) -> Tensor:
         vals = decay
         if len(vals) != heads:
             raise ValueError(f"decay must have one value per query head (H={heads}), got {len(vals)}")
-    return torch.tensor(vals, dtype=torch.float64)
+    return torch.tensor(vals, dtype=torch.float64, device=device)
 
 
 def attention(q, k, v, *, causal=False, scale=None, decay=None, chunk_size=linear.CHUNK_SIZE) -> AttentionOutput:
-    g = decay_tensor(decay, q.shape[1])
+    g = decay_tensor(decay, q.shape[1], q.device)
     out = linear.chunked(q, k, v, causal=causal, scale=scale, feature_map="identity", decay=g, chunk_size=chunk_size)
     return AttentionOutput(out, None)
 
 
 def fla(q, k, v, *, causal=False, scale=None, decay=None, chunk_size=linear.CHUNK_SIZE) -> AttentionOutput:
     """The ``fla`` impl: fla's ``chunk_simple_gla`` with per-head log decays (causal, CUDA)."""
-    g = decay_tensor(decay, q.shape[1])
+    g = decay_tensor(decay, q.shape[1], q.device)
     out = linear.fla_chunked(q, k, v, causal=causal, scale=scale, feature_map="identity", decay=g)
     return AttentionOutput(out, None)
 
 
 def oracle(q, k, v, *, causal=False, scale=None, decay=None, chunk_size=linear.CHUNK_SIZE) -> _reference.Reference:
-    g = decay_tensor(decay, q.shape[1])
+    g = decay_tensor(decay, q.shape[1], q.device)
     return linear.parallel(q, k, v, causal=causal, scale=scale, feature_map="identity", decay=g)
 
 
 def recurrent(q, k, v, state=None, *, scale=None, decay=None, chunk_size=linear.CHUNK_SIZE) -> linear.RecurrentOutput:
     """Decoding with the decayed state: tokens one at a time (T = 1) or a chunk at a time.
     q [B,H,T,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv], state a ``linear.LinearState`` (z is None) or None."""
-    g = decay_tensor(check_decay(decay), check_qkv(q, k, v).H)
+    g = decay_tensor(check_decay(decay), check_qkv(q, k, v).H, q.device)
     positive_int("chunk_size", chunk_size)
     return linear.recurrent_form(q, k, v, state, scale=scale, feature_map="identity", decay=g, chunk_size=chunk_size)
