@@ -138,12 +138,21 @@ def decode(packed: Packed) -> tuple[object, dict]:
 # Every operator takes the call as (q, k, v, tensors, ints, floats, mechanism, spec, scale, impl).
 
 
+# The eager entry point (``registry._run``), bound by the registry as it loads: an op's kernel finds
+# it by name at run time, and importing the registry here would tie the two modules in a circle.
+_EAGER_RUN = None
+
+
+def bind(run) -> None:
+    """Set the eager call ``run(q, k, v, mechanism, causal, scale, impl, options, need_lse)``."""
+    global _EAGER_RUN
+    _EAGER_RUN = run
+
+
 def _eager(q, k, v, tensors, ints, floats, mechanism, spec, scale, impl, need_lse) -> AttentionOutput:
     """The ordinary eager call (validation, layout lookup, fast path) with the real tensors."""
-    from attnlab import registry  # registry imports this module
-
     causal, options = decode(Packed(spec, tensors, ints, floats))
-    return registry._run(q, k, v, mechanism, causal, scale, impl, options, need_lse)
+    return _EAGER_RUN(q, k, v, mechanism, causal, scale, impl, options, need_lse)
 
 
 # A plain eager call's dispatch state: factory functions select their backend, views track
@@ -303,6 +312,4 @@ def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool) 
 
 @torch._dynamo.disable
 def _eager_break(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> AttentionOutput:
-    from attnlab import registry
-
-    return registry._run(q, k, v, mechanism, causal, scale, impl, options, need_lse)
+    return _EAGER_RUN(q, k, v, mechanism, causal, scale, impl, options, need_lse)

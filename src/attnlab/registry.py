@@ -441,6 +441,9 @@ def _pick_impl(mech: Mechanism, q, k, v, causal, impl: str, opts: dict, need_lse
     return impl
 
 
+_compile.bind(_run)  # the compiled path's op calls back into the eager one
+
+
 def attention(
     q: Tensor,
     k: Tensor,
