@@ -145,7 +145,7 @@ def _fla_call(name: str, opts: dict, q: Tensor, k: Tensor, v: Tensor) -> Callabl
     B, T = q.shape[0], q.shape[2]  # older fla: a per-token log decay [B, T, H] instead
     g = log_gamma.view(1, 1, H).expand(B, T, H).contiguous()
     kw = _keywords(chunk_simple_gla, g=g, scale=scale, head_first=False)
-    return lambda: chunk_simple_gla(bthd(q), bthd(k), bthd(v), **kw)[0].transpose(1, 2)
+    return lambda: chunk_simple_gla(bthd(q), bthd(k, groups), bthd(v, groups), **kw)[0].transpose(1, 2)
 
 
 def fla_baseline(name: str, opts: dict, causal: bool, q: Tensor, k: Tensor, v: Tensor, mode: str, ours):
