@@ -40,7 +40,7 @@ KIND_OPTIONS = {
     "weights_hts": lambda H, T, S: {"kind": "fixed", "weights": pattern(H, T, S)},
     "sigmoid": lambda H, T, S: {"kind": "sigmoid"},
     "sigmoid_bias": lambda H, T, S: {"kind": "sigmoid", "bias": 0.5},
-}  # kind="relu" is the registry example: tests/test_contract.py runs it over this grid (and bf16)
+}  # kind="relu" is the registry example: tests/contract/test_contract.py runs it over this grid (and bf16)
 GRID = [(name, c) for name in KIND_OPTIONS for c in cases(MECH, dtypes=(torch.float32, torch.float64))]
 
 

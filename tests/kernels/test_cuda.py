@@ -3,7 +3,7 @@
 Every static mask mechanism on CUDA tensors against the dense oracle (forward, LSE and gradients),
 the head-dim padding, empty rows, the BlockMask cache, and the 64K-token case that used to build a
 46 GiB T x S mask. CPU tests cover the same logic through eager / compiled Flex on CPU
-(tests/test_flex_layout.py); these confirm it on the real kernels.
+(tests/kernels/test_flex_layout.py); these confirm it on the real kernels.
 """
 
 from __future__ import annotations
