@@ -148,3 +148,10 @@ def equal_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     if Dv < D:
         return q, k, torch.nn.functional.pad(v, (0, D - Dv))
     return q, k, v
+
+
+def near_square(n: int) -> tuple[int, int]:
+    """The most square factorization ``(a, b)`` of n, a <= b: the 2-D grid a flat sequence of n
+    tokens stands for in examples and workloads."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a

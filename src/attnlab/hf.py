@@ -37,7 +37,7 @@ POLICY = PREFIX + "policy"
 def served() -> list[str]:
     """Mechanisms that can stand in for a Hugging Face attention layer: softmax attention over q, k, v
     (linear-family mechanisms change what a layer computes and need their own modules)."""
-    return [m.name for m in registry.MECHANISMS if m.family == "softmax"]
+    return [m.name for m in registry.MECHANISMS if m.drop_in]
 
 
 def register() -> list[str]:
@@ -56,9 +56,9 @@ def register() -> list[str]:
 def _servable(mechanism: str) -> registry.Mechanism:
     """The registry record, if it can stand in for a transformers attention layer."""
     mech = registry.get(mechanism)
-    if mech.family != "softmax":
+    if not mech.drop_in:
         raise ValueError(
-            f"{mechanism} is a {mech.family} mechanism and cannot replace a softmax attention layer; "
+            f"{mechanism} is a {mech.kind.value} mechanism and cannot replace a softmax attention layer; "
             f"served: {', '.join(served())}"
         )
     return mech
@@ -66,7 +66,7 @@ def _servable(mechanism: str) -> registry.Mechanism:
 
 def set_layer(module: torch.nn.Module, mechanism: str, **options) -> None:
     """Pin one attention module to ``mechanism`` with ``options`` (validated now, not mid-forward)."""
-    registry.check_option_names(_servable(mechanism), options)
+    _servable(mechanism).check_option_names(options)
     module.attnlab = (mechanism, dict(options))
 
 
@@ -217,7 +217,7 @@ def check(name: str, T: int, S: int, causal: bool, options: dict) -> None:
             f"it supports {', '.join(sorted(mech.patterns))}"
         )
     try:
-        registry._options(mech, T, S, causal, dict(options))
+        mech.resolve(T, S, causal, dict(options))
     except ValueError as e:
         raise ValueError(f"config.attnlab for {name}: {e}") from None
 

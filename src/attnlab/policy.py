@@ -54,7 +54,7 @@ class Layer:
             raise ValueError(
                 f"reuse needs the block_topk mechanism (it reuses a block selection), got {self.mechanism}"
             )
-        registry.check_option_names(registry.get(self.mechanism), self.options)  # unknown names list the valid
+        registry.get(self.mechanism).check_option_names(self.options)  # unknown names list the valid
         object.__setattr__(self, "options", _plain(dict(self.options), self.mechanism))
 
 

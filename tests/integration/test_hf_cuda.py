@@ -4,7 +4,6 @@ are skipped without a GPU; one CPU case keeps the check itself running in CI."""
 
 import pytest
 import torch
-
 from test_hf import CAUSAL, FIXED_LAYOUT, POOLED_QUERIES, _decoder, _llama, _options
 
 NAMES = [n for n in CAUSAL if n not in POOLED_QUERIES | FIXED_LAYOUT]

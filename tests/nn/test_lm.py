@@ -7,6 +7,7 @@ from attnlab import Policy, registry
 from attnlab.mechanisms import block_topk
 from attnlab.nn import Attention, LMConfig, RoutedAttention, TransformerLM
 from attnlab.nn.router import sparsity_loss
+from attnlab.spec import Kind
 
 CFG = LMConfig(vocab_size=50, dim=32, n_layers=2, heads=4, kv_heads=2)
 SPARSE = ("streaming", {"sinks": 2, "window": 4})
@@ -33,7 +34,7 @@ def test_causal_tied_and_policy_length_checked():
 
 
 def test_hype_puts_rope_only_in_linear_family_layers():
-    linear = [m.name for m in registry.MECHANISMS if m.family == "linear"]
+    linear = [m.name for m in registry.MECHANISMS if m.kind is Kind.LINEAR]
     names = ["dense", linear[0] if linear else "dense"]
     lm = TransformerLM(LMConfig(vocab_size=50, dim=32, n_layers=2, heads=4, positions="hype"), Policy.explicit(names))
     assert [b.attn.rope is not None for b in lm.blocks] == [False, bool(linear)]

@@ -16,7 +16,6 @@ time in the same process, the same inputs, the same thread count.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,7 +43,7 @@ CONFIG_CAP_S = {"quick": 12.0, "full": 300.0}
 RATES = {"cpu": (1.2e11, 6e10), "cuda": (3e13, 1e13)}
 # Linear attention has no T x S area: no density, and its cost grows with T (about a 2 x 64-token
 # chunk's worth of pairs per query), not with the SDPA area the skip estimate otherwise assumes.
-LINEAR_FAMILY = {"linear": 128, "lightning": 128}
+LINEAR_PAIRS_PER_QUERY = 128
 
 
 @dataclass
@@ -79,64 +78,12 @@ class Row:
     pattern: str = ""  # the LongCA-bench mask pattern this row times (pattern sweep), else empty
 
 
-def _grid(T: int) -> tuple[int, int]:
-    a = 2 ** (int(math.log2(T)) // 2)
-    return a, T // a
-
-
-def _doc_lengths(T: int, seed: int = 0) -> tuple[int, ...]:
-    """A realistic packed-batch mix: log-normal document lengths around T/8, seeded."""
-    rng = random.Random(seed)
-    out, left = [], T
-    while left > 0:
-        n = min(left, max(16, int(rng.lognormvariate(math.log(T / 8), 0.8))))
-        out.append(n)
-        left -= n
-    return tuple(out)
-
-
-def _regions(T: int) -> dict:
-    """A layout-to-image batch: T/8 text tokens, then an image grid with four subject boxes (the
-    quadrants' centres) on a background. Text and background see everything; subject r sees the
-    text and itself."""
-    text = T // 8
-    h, w = _grid(T - text) if T - text >= 4 else (1, T - text)
-    y, x = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)
-    quadrant = 1 + (y >= h // 2).long() * 2 + (x >= w // 2).long()
-    inside = ((y % (h // 2 or 1)) >= h // 8) & ((x % (w // 2 or 1)) >= w // 8)
-    image = torch.where(inside, quadrant, 5).flatten()
-    groups = torch.cat([torch.zeros(text, dtype=torch.long), image, torch.full((T - text - image.numel(),), 5)])
-    rules = torch.eye(6, dtype=torch.bool)
-    rules[:, 0] = True
-    rules[0] = rules[5] = True
-    return {"groups": groups, "rules": rules}
-
-
 def bench_options(name: str, T: int) -> dict:
-    """The configuration each mechanism is benchmarked with at length T (registry defaults where
-    they make sense at any length)."""
-    if name == "neighborhood":
-        return {"shape": _grid(T), "kernel_size": 13}
-    if name == "halo":
-        return {"shape": _grid(T), "block_size": 8, "halo": 3}
-    if name == "document":
-        return {"lengths": _doc_lengths(T)}
-    if name == "prefix_lm":
-        return {"prefix": T // 4}
-    if name == "streaming":
-        return {"sinks": 64, "window": 512}
-    if name == "region":
-        return _regions(T)
-    if name == "dha":  # decoupled groupings; under GQA shapes they differ and the gather path runs
-        return {"key_groups": "strided", "value_groups": "contiguous"}
-    if name == "dynamic_hierarchical":  # the boundary rule is a labelling pass (O(T^2)); time inference
-        return {"chunking": "fixed"}
-    if name == "moh":  # per-token gates, a quarter exactly 0 (routed-off rows); [T, 1] fits any head count
-        g = torch.rand(T, 1, generator=torch.Generator().manual_seed(T)) * 2
-        return {"gates": torch.where(torch.arange(T).view(T, 1) % 4 == 3, 0.0, g)}
-    if name == "fixed_pattern":  # the uniform default is a prefix mean; time a kind that scores q·k
-        return {"kind": "sigmoid"}
-    return dict(registry.get(name).defaults)
+    """The configuration each mechanism is benchmarked with at length T: its record's efficiency
+    workload, else its defaults (which make sense at any length)."""
+    mech = registry.get(name)
+    at = mech.workloads.efficiency
+    return dict(mech.defaults) if at is None else at(T)
 
 
 def gate(names: list[str], device: torch.device | str = "cpu") -> dict[str, list[str]]:
@@ -323,7 +270,7 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     row.density = None if composite else allowed / (T * T)
     factor = 3.5 if mode != "fwd" else 1.0
     # Skip what would not fit the preset: cold call + 3 repeats of both paths, at rough device rates.
-    work = T * LINEAR_FAMILY[mech.name] if mech.name in LINEAR_FAMILY else allowed
+    work = T * LINEAR_PAIRS_PER_QUERY if mech.fixed_state else allowed
     sdpa_rate, our_rate = RATES.get(device.type, RATES["cpu"])
     estimate = 4 * factor * 4 * B * H * D * (sdpa_area / sdpa_rate + work / our_rate)
     cap = CONFIG_CAP_S[ctx["preset"]]

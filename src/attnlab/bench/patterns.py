@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.bench.efficiency import _doc_lengths
+from attnlab.mechanisms.document import packed_lengths
 
 
 def _shared_question(T: int) -> dict:
     question = max(1, T // 8)
-    docs = _doc_lengths(T - question)
+    docs = packed_lengths(T - question)
     groups = torch.cat(
         [torch.full((n,), i + 1) for i, n in enumerate(docs)] + [torch.zeros(question, dtype=torch.long)]
     )
@@ -44,7 +44,7 @@ PATTERNS = {
     "sliding_window": ("sliding_window", lambda T: {"window": 512}, False),
     "sliding_window_causal": ("sliding_window", lambda T: {"window": 512}, True),
     "global_sliding": ("streaming", lambda T: {"sinks": 64, "window": 512}, True),
-    "document": ("document", lambda T: {"lengths": _doc_lengths(T)}, True),
+    "document": ("document", lambda T: {"lengths": packed_lengths(T)}, True),
     "shared_question": ("region", _shared_question, True),
     "prefix_lm": ("prefix_lm", lambda T: {"prefix": T // 4}, True),
     "block_causal": ("region", _block_causal, False),

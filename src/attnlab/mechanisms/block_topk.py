@@ -28,6 +28,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int, resolve_scale
 from attnlab.kernels import BlockLayout, block_sparse_attention
 from attnlab.kernels.layout import causal_blocks, layout_from_blocks, query_positions
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"block_size": 64, "top_k": 16, "init_blocks": 1, "local_blocks": 4, "selection": None}
 
@@ -155,3 +156,18 @@ def attention(
             local_blocks=local_blocks,
         )
     return block_sparse_attention(q, k, v, selection.layout, scale=scale)
+
+
+SPEC = Mechanism(
+    "block_topk",
+    "InfLLM-V2 (MiniCPM4, arXiv 2506.07900); HyLRA, arXiv 2602.00777",
+    Kind.SELECTION,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=lambda S: {"block_size": 4, "top_k": 3, "init_blocks": 1, "local_blocks": 1},
+    workloads=Workloads(
+        quality=lambda L: {"block_size": max(1, L // 16), "top_k": 3, "init_blocks": 1, "local_blocks": 1}
+    ),
+    select=select,
+)

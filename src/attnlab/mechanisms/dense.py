@@ -15,6 +15,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput, equal_head_dims, repeat_kv, resolve_scale
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
+from attnlab.spec import Impl, Kind, Mechanism
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -75,3 +76,14 @@ def blocksparse(
 
 def block_layout(T: int, S: int, *, causal: bool = False):
     return layout(T, S, causal, block_sizes())
+
+
+SPEC = Mechanism(
+    "dense",
+    "Vaswani et al. 2017, arXiv 1706.03762",
+    Kind.MASK,
+    {"sdpa": Impl(sdpa, sdpa_supports), "blocksparse": Impl(blocksparse)},
+    lambda T, S, causal, o: {},
+    mask=mask,
+    layout=block_layout,
+)

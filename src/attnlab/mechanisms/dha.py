@@ -42,6 +42,7 @@ from torch import Tensor
 from attnlab import reference as _reference
 from attnlab.core import FLOAT_DTYPES, AttentionOutput
 from attnlab.mechanisms import dense
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"key_groups": None, "value_groups": None}
 NAMED = ("contiguous", "strided")
@@ -202,3 +203,18 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, key_gro
 def mask(T: int, S: int, *, causal: bool = False, key_groups=None, value_groups=None) -> Tensor:
     """bool [T, S]: every head attends densely (bottom-right causal); groupings only route heads."""
     return dense.mask(T, S, causal=causal)
+
+
+SPEC = Mechanism(
+    "dha",
+    "DHA (decoupled-head attention), arXiv 2406.06567",
+    Kind.COMPOSITE,  # dense per head; the groupings route query heads to kv heads: its own oracle
+    {"grouped_sdpa": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},
+    # decoupled groupings; under GQA shapes they differ and the gather path runs
+    workloads=Workloads(efficiency=lambda T: {"key_groups": "strided", "value_groups": "contiguous"}),
+    mask=mask,
+    oracle=oracle,
+)

@@ -60,6 +60,7 @@ from torch import Tensor
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_qkv, compute_dtype, positive_int, repeat_kv, resolve_scale
 from attnlab.mechanisms import dense
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"lam": 0.8, "groups": 1}
 
@@ -210,3 +211,18 @@ def oracle(
     weights = a1 - lam * a2.repeat_interleave(groups, dim=1)  # [B, H, T, S]
     out = torch.einsum("bhts,bhsd->bhtd", weights, repeat_kv(v, H // Hkv))
     return _reference.Reference(out.to(dtype), weights, None)
+
+
+SPEC = Mechanism(
+    "differential",
+    "DIFF Transformer, arXiv 2410.05258; Grouped Differential Attention (GDA), arXiv 2510.06949",
+    Kind.COMPOSITE,  # two softmax maps subtracted: the oracle materializes both
+    {"two_maps": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    drop_in=False,  # q, k carry two maps in their halves: a layer must be built for it
+    example=lambda S: {"lam": 0.7},
+    workloads=Workloads(heads=4),
+    oracle=oracle,
+)

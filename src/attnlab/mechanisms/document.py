@@ -11,6 +11,8 @@ that position's document; rows with p < 0 see nothing.
 from __future__ import annotations
 
 import functools
+import math
+import random
 
 import torch
 from torch import Tensor
@@ -18,6 +20,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import TensorKeyedCache, block_ranges, query_positions, take
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"lengths": None, "document_ids": None}
 
@@ -133,3 +136,36 @@ def attention(
 
 def block_layout(T: int, S: int, *, causal: bool = False, lengths=None, document_ids=None):
     return layout(T, S, causal, lengths, document_ids)
+
+
+def packed_lengths(T: int, seed: int = 0) -> tuple[int, ...]:
+    """A realistic packed-batch mix summing to T: log-normal document lengths around T/8, seeded."""
+    rng = random.Random(seed)
+    out, left = [], T
+    while left > 0:
+        n = min(left, max(16, int(rng.lognormvariate(math.log(T / 8), 0.8))))
+        out.append(n)
+        left -= n
+    return tuple(out)
+
+
+def _example(S: int) -> dict:
+    third = max(1, S // 3)
+    return {"lengths": tuple(n for n in (third, third, S - 2 * third) if n > 0)}
+
+
+SPEC = Mechanism(
+    "document",
+    "packed sequences, arXiv 2107.02027; FlashAttention-2 varlen, arXiv 2307.08691",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=_example,
+    workloads=Workloads(
+        efficiency=lambda T: {"lengths": packed_lengths(T)},
+        untrainable="a packing mask: on one unpacked sequence it is dense attention",
+    ),
+    mask=mask,
+    layout=block_layout,
+)

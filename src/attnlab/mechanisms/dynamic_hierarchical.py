@@ -34,6 +34,7 @@ from attnlab.core import AttentionOutput, nonnegative_int, positive_int, repeat_
 from attnlab.kernels import BlockLayout, block_sizes, block_sparse_attention
 from attnlab.kernels.layout import layout_from_blocks
 from attnlab.mechanisms.dhsa_fill import fill_budgets
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {
     "chunking": "boundary",
@@ -276,3 +277,26 @@ def attention(
 ) -> AttentionOutput:
     sel = select(q, k, causal=causal, scale=scale, **opts)
     return block_sparse_attention(q, k, v, sel.layout, scale=scale)
+
+
+SPEC = Mechanism(
+    "dynamic_hierarchical",
+    "DHSA, arXiv 2510.24606",
+    Kind.SELECTION,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    patterns=frozenset({"self_causal", "cross_causal"}),
+    example=lambda S: {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1},
+    workloads=Workloads(
+        efficiency=lambda T: {"chunking": "fixed"},  # the boundary rule is a labelling pass (O(T^2)): time inference
+        quality=lambda L: {
+            "chunking": "fixed",
+            "chunk_size": max(1, L // 16),
+            "budget": L // 4,
+            "local": L // 8,
+            "sinks": 4,
+        },
+    ),
+    select=select,
+)

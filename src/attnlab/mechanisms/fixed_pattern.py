@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_qkv, compute_dtype, repeat_kv, resolve_scale
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 KINDS = ("fixed", "sigmoid", "relu")
 DEFAULTS = {"kind": "fixed", "weights": None, "bias": None}
@@ -220,3 +221,18 @@ def oracle(
             p = torch.where(den > 0, n / torch.where(den > 0, den, 1.0), zero)
     out = torch.einsum("bhts,bhsd->bhtd", p, repeat_kv(v.to(ct), H // Hkv))
     return _reference.Reference(out.to(q.dtype), p, None)
+
+
+SPEC = Mechanism(
+    "fixed_pattern",
+    "Deconstructing Attention, arXiv 2510.11602; sigmoid attention, arXiv 2409.04431",
+    Kind.RELAXED,
+    {"chunked": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    drop_in=False,  # not softmax weights: no stand-in for a pretrained softmax layer
+    example=lambda S: {"kind": "relu"},
+    workloads=Workloads(efficiency=lambda T: {"kind": "sigmoid"}),  # uniform is a prefix mean; time q.k scores
+    oracle=oracle,
+)

@@ -33,6 +33,7 @@ from attnlab.core import AttentionOutput, int_tuple, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
 from attnlab.mechanisms import neighborhood, sliding_window
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"shape": None, "window": 256, "kernel_size": 7, "pool": 8, "gate": 0.5}
 
@@ -153,3 +154,17 @@ def oracle(
     glob = _reference.attention(q, kp, vp, global_mask, scale=scale).out
     g = _gate(gate, local)
     return _reference.Reference(g * local + (1 - g) * glob, None, None)
+
+
+SPEC = Mechanism(
+    "global_local",
+    "UltraGen hierarchical attention, arXiv 2510.18775",
+    Kind.COMPOSITE,  # no single mask: the oracle mixes two dense attentions
+    {"composite": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    example=lambda S: {"window": 5, "pool": 3, "gate": 0.3},
+    workloads=Workloads(quality=lambda L: {"window": L // 4, "pool": 8}, reach="window"),
+    oracle=oracle,
+)

@@ -16,10 +16,11 @@ import functools
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, int_tuple, nonnegative_int, positive_int
+from attnlab.core import AttentionOutput, int_tuple, near_square, nonnegative_int, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import block_ranges, take
 from attnlab.kernels.order import TileOrder, tile_sizes
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"shape": None, "block_size": 8, "halo": 3}
 
@@ -96,3 +97,29 @@ def attention(
 def block_layout(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 8, halo: int = 3):
     o = check_options(T, S, causal, {"shape": shape, "block_size": block_size, "halo": halo})
     return layout(o["shape"], o["block_size"], o["halo"], block_sizes())
+
+
+def _example(S: int) -> dict:
+    for blk in (4, 3, 2):
+        for a in range(blk, S + 1, blk):
+            if S % a == 0 and (S // a) % blk == 0:
+                return {"shape": (a, S // a), "block_size": blk, "halo": 1}
+    return {"shape": near_square(S), "block_size": 1, "halo": 1}
+
+
+SPEC = Mechanism(
+    "halo",
+    "HaloNet, arXiv 2103.12731",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    patterns=frozenset({"self"}),
+    example=_example,
+    workloads=Workloads(
+        efficiency=lambda T: {"shape": near_square(T), "block_size": 8, "halo": 3},
+        untrainable="serves non-causal self attention over a 2-D grid only",
+    ),
+    mask=mask,
+    layout=block_layout,
+)

@@ -32,6 +32,7 @@ from torch import Tensor
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_qkv, positive_int
 from attnlab.mechanisms import linear
+from attnlab.spec import Impl, Kind, Mechanism
 
 DEFAULTS = {"decay": None, "chunk_size": linear.CHUNK_SIZE}
 
@@ -113,3 +114,17 @@ def recurrent(q, k, v, state=None, *, scale=None, decay=None, chunk_size=linear.
     g = decay_tensor(check_decay(decay), check_qkv(q, k, v).H, q.device)
     positive_int("chunk_size", chunk_size)
     return linear.recurrent_form(q, k, v, state, scale=scale, feature_map="identity", decay=g, chunk_size=chunk_size)
+
+
+SPEC = Mechanism(
+    "lightning",
+    "Lightning Attention-2, arXiv 2401.04658; as in MiniCPM-SALA, arXiv 2602.11761",
+    Kind.LINEAR,
+    {"fla": Impl(fla, linear.fla_supports), "chunked": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    drop_in=False,
+    example=lambda S: {"chunk_size": 8},
+    oracle=oracle,
+)

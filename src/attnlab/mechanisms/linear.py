@@ -53,6 +53,7 @@ from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_qkv, compute_dtype, positive_int, resolve_scale
 from attnlab.kernels import fla as _fla
 from attnlab.kernels import linear_chunks
+from attnlab.spec import Impl, Kind, Mechanism
 
 EPS = linear_chunks.EPS
 FEATURE_MAPS = {
@@ -231,3 +232,17 @@ __all__ = [
     "parallel",
     "recurrent",
 ]
+
+
+SPEC = Mechanism(
+    "linear",
+    "Transformers are RNNs (Katharopoulos et al.), arXiv 2006.16236",
+    Kind.LINEAR,
+    {"fla": Impl(fla, fla_supports), "chunked": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    drop_in=False,
+    example=lambda S: {"chunk_size": 8},
+    oracle=oracle,
+)

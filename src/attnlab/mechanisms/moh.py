@@ -24,6 +24,7 @@ from torch import Tensor
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, compute_dtype, repeat_kv
 from attnlab.mechanisms import dense
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"gates": None}
 
@@ -78,3 +79,28 @@ def oracle(
     weights = ref.weights * _broadcastable(gates, ref.out, ct)  # [B, H, T, S]
     out = torch.einsum("bhts,bhsd->bhtd", weights, repeat_kv(v.to(ct), q.shape[1] // k.shape[1]))
     return _reference.Reference(out.to(q.dtype), weights, None)
+
+
+def _quarter_off_gates(T: int) -> dict:
+    """Per-token gates, a quarter exactly 0 (routed-off rows); [T, 1] fits any head count."""
+    g = torch.rand(T, 1, generator=torch.Generator().manual_seed(T)) * 2  # host: workload option
+    return {"gates": torch.where(torch.arange(T).view(T, 1) % 4 == 3, 0.0, g)}  # host: workload option
+
+
+SPEC = Mechanism(
+    "moh",
+    "MoH (mixture-of-head attention), arXiv 2410.11842: gated heads; the layer is nn.MoHAttention",
+    Kind.COMPOSITE,  # dense attention rows scaled by per-(token, head) gates
+    {"sdpa": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    # per-token gates need T: tests/mechanisms/test_moh.py
+    example=lambda S: {"gates": torch.full((1, 1, 1, 1), 0.75)},  # host: example option
+    workloads=Workloads(
+        efficiency=_quarter_off_gates,
+        heads=4,
+        untrainable="routed heads need nn.MoHAttention's gate network; the bare mechanism takes fixed gates",
+    ),
+    oracle=oracle,
+)

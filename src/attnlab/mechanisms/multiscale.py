@@ -30,6 +30,7 @@ from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"window": 128, "pools": (8, 64)}
 
@@ -162,3 +163,18 @@ def attention(
 ) -> AttentionOutput:
     lay = layout(q.shape[2], k.shape[2], causal, window, tuple(pools), block_sizes(q.device))
     return block_sparse_attention(q, pool_levels(k, pools), pool_levels(v, pools), lay, scale=scale)
+
+
+SPEC = Mechanism(
+    "multiscale",
+    "hierarchical multi-scale attention: H-Transformer-1D arXiv 2107.11906; Focal arXiv 2107.00641",
+    Kind.COMPOSITE,  # one softmax, but over the keys and their pooled levels: its own oracle
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=lambda S: {"window": 3, "pools": (2, 4)},
+    workloads=Workloads(quality=lambda L: {"window": L // 8, "pools": (4, 16)}, reach="window"),
+    mask=mask,
+    layout=block_layout,
+    oracle=oracle,
+)

@@ -23,10 +23,11 @@ import math
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, int_tuple
+from attnlab.core import AttentionOutput, int_tuple, near_square
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import block_ranges, take
 from attnlab.kernels.order import TileOrder, tile_sizes
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"shape": None, "kernel_size": 7, "dilation": 1}
 
@@ -144,3 +145,30 @@ def attention(
 def block_layout(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1):
     o = check_options(T, S, causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
     return layout(o["shape"], o["kernel_size"], o["dilation"], _causal_axes(causal, len(o["shape"])), block_sizes())
+
+
+def _example(S: int) -> dict:
+    a, b = near_square(S)
+    if a >= 3:
+        return {"shape": (a, b), "kernel_size": (3, min(5, b)), "dilation": (1, 1 + (b >= 10))}
+    return {"shape": (S,), "kernel_size": min(5, S), "dilation": 1}
+
+
+SPEC = Mechanism(
+    "neighborhood",
+    "NAT, arXiv 2204.07143; DiNAT, arXiv 2209.15001; NATTEN, arXiv 2403.04690",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    patterns=frozenset({"self", "self_causal"}),
+    example=_example,
+    workloads=Workloads(
+        efficiency=lambda T: {"shape": near_square(T), "kernel_size": 13},
+        quality=lambda L: {"shape": (L,), "kernel_size": L // 4},
+        reach="kernel_size",
+    ),
+    axis_causal=True,
+    mask=mask,
+    layout=block_layout,
+)

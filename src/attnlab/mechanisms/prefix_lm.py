@@ -15,6 +15,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput, nonnegative_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"prefix": 0}
 
@@ -57,3 +58,18 @@ def attention(
 
 def block_layout(T: int, S: int, *, causal: bool = True, prefix: int = 0):
     return layout(T, S, prefix, block_sizes())
+
+
+SPEC = Mechanism(
+    "prefix_lm",
+    "T5, arXiv 1910.10683; UniLM, arXiv 1905.03197",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    patterns=frozenset({"self_causal", "cross_causal"}),
+    example=lambda S: {"prefix": S // 3},
+    workloads=Workloads(efficiency=lambda T: {"prefix": T // 4}, quality=lambda L: {"prefix": L // 4}),
+    mask=mask,
+    layout=block_layout,
+)

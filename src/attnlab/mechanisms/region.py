@@ -18,9 +18,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput
+from attnlab.core import AttentionOutput, near_square
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import TensorKeyedCache, query_positions, take
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"groups": None, "rules": None}
 
@@ -130,3 +131,44 @@ def attention(
     if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
         raise ValueError(f"groups has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+def _example(S: int) -> dict:
+    """Text (group 0) sees everything; two subjects (1, 2) see themselves and the text."""
+    groups = (torch.arange(S) * 3 // max(S, 1)).clamp(max=2)  # host: example option
+    rules = torch.tensor([[True, True, True], [True, True, False], [True, False, True]])  # host: example option
+    return {"groups": groups, "rules": rules}
+
+
+def layout_to_image(T: int) -> dict:
+    """A layout-to-image batch: T/8 text tokens, then an image grid with four subject boxes (the
+    quadrants' centres) on a background. Text and background see everything; subject r sees the
+    text and itself."""
+    text = T // 8
+    h, w = near_square(T - text) if T - text >= 4 else (1, T - text)
+    y, x = torch.arange(h).view(-1, 1), torch.arange(w).view(1, -1)  # host: workload option
+    quadrant = 1 + (y >= h // 2).long() * 2 + (x >= w // 2).long()
+    inside = ((y % (h // 2 or 1)) >= h // 8) & ((x % (w // 2 or 1)) >= w // 8)
+    image = torch.where(inside, quadrant, 5).flatten()
+    rest = torch.full((T - text - image.numel(),), 5)  # host: workload option
+    groups = torch.cat([torch.zeros(text, dtype=torch.long), image, rest])  # host: workload option
+    rules = torch.eye(6, dtype=torch.bool)  # host: workload option
+    rules[:, 0] = True
+    rules[0] = rules[5] = True
+    return {"groups": groups, "rules": rules}
+
+
+SPEC = Mechanism(
+    "region",
+    "layout-guided masks: AnyMS, MODA (multi-subject / layout-to-image attention control)",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=_example,
+    workloads=Workloads(
+        efficiency=layout_to_image, untrainable="needs per-token layout groups (layout-to-image control)"
+    ),
+    mask=mask,
+    layout=block_layout,
+)

@@ -15,6 +15,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"window": 512}
 
@@ -59,3 +60,17 @@ def attention(
 
 def block_layout(T: int, S: int, *, causal: bool = False, window: int = 512):
     return layout(T, S, causal, window, block_sizes())
+
+
+SPEC = Mechanism(
+    "sliding_window",
+    "Longformer, arXiv 2004.05150; Mistral, arXiv 2310.06825",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=lambda S: {"window": 5},
+    workloads=Workloads(quality=lambda L: {"window": L // 4}, reach="window"),
+    mask=mask,
+    layout=block_layout,
+)

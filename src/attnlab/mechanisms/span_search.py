@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int, resolve_scale
+from attnlab.spec import Impl, Kind, Mechanism
 
 DEFAULTS = {"num_spans": 3, "sw_index": 3, "backward_factor": 2.0, "forward_factor": 0.0, "span_power": 0.5}
 _CHUNK = 64  # queries per gathered chunk (~100 MB of gathered spans at H=8, S=16K)
@@ -246,3 +247,17 @@ def oracle(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale=None, 
         o = _reference.attention(q, k, v, (span | window) & (tt >= 0), scale=scale).out
         out = out + omega[..., slot : slot + 1] * o.to(omega.dtype)
     return _reference.Reference(out.to(q.dtype), None, None)
+
+
+SPEC = Mechanism(
+    "span_search",
+    "Superlinear multi-step attention (N=2 jump search), arXiv 2601.18401",
+    Kind.COMPOSITE,  # one softmax per span slot: the oracle builds their masks
+    {"chunked": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    has_lse=False,
+    patterns=frozenset({"self_causal", "cross_causal"}),
+    example=lambda S: {"num_spans": 2, "sw_index": 1, "backward_factor": 1.0, "forward_factor": 0.5},
+    oracle=oracle,
+)

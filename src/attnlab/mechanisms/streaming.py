@@ -16,6 +16,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"sinks": 4, "window": 512}
 
@@ -71,3 +72,21 @@ def attention(
 
 def block_layout(T: int, S: int, *, causal: bool = False, sinks: int = 4, window: int = 512):
     return layout(T, S, causal, sinks, window, block_sizes())
+
+
+SPEC = Mechanism(
+    "streaming",
+    "StreamingLLM, arXiv 2309.17453",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=lambda S: {"sinks": 2, "window": 4},
+    workloads=Workloads(
+        efficiency=lambda T: {"sinks": 64, "window": 512},
+        quality=lambda L: {"sinks": 4, "window": L // 4},
+        reach="window",
+    ),
+    mask=mask,
+    layout=block_layout,
+)

@@ -26,6 +26,7 @@ from torch import Tensor
 from attnlab.core import AttentionOutput, nonnegative_int, positive_int
 from attnlab.kernels import block_sparse_attention
 from attnlab.kernels.layout import causal_blocks, layout_from_blocks, query_positions
+from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"block_size": 64, "local_blocks": 4, "vert_stride": 4, "head_step": None, "dense_heads": 0}
 
@@ -152,3 +153,18 @@ def attention(
         q.shape[2], k.shape[2], causal, k.shape[1], block_size, local_blocks, vert_stride, head_step, dense_heads
     )
     return block_sparse_attention(q, k, v, lay, scale=scale)
+
+
+SPEC = Mechanism(
+    "strided_shard",
+    "S2-Attention, arXiv 2407.17678",
+    Kind.MASK,
+    {"blocksparse": Impl(attention)},
+    check_options,
+    DEFAULTS,
+    example=lambda S: {"block_size": 4, "local_blocks": 2, "vert_stride": 3},
+    workloads=Workloads(quality=lambda L: {"block_size": max(1, L // 16), "local_blocks": 2, "vert_stride": 4}),
+    per_kv_head=True,
+    mask=mask,
+    layout=block_layout,
+)

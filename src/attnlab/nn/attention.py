@@ -51,14 +51,14 @@ def check_mechanism_options(mechanism: str, causal, options: dict) -> registry.M
     """The registry's checks at build time: mechanism name, option names, the causal flag against the
     patterns the mechanism serves, and option values at a length they fit (first error wins)."""
     mech, causal_arg = registry.get(mechanism), causal
-    causal = registry._is_causal(mech, causal)  # per-axis bools (neighborhood) count as causal if any is
+    causal = mech.is_causal(causal)  # per-axis bools (neighborhood) count as causal if any is
     if not any(p.endswith("_causal") == causal for p in mech.patterns):
         served = ", ".join(sorted(mech.patterns))
         raise ValueError(f"{mechanism} cannot run with causal={causal}; it supports: {served}")
     first = None
     for n in _probe_lengths(options):
         try:
-            registry._options(mech, n, n, causal_arg, options)
+            mech.resolve(n, n, causal_arg, options)
             return mech
         except ValueError as e:  # a length-bound value may only fit its own length: try the next
             first = first or e

@@ -70,7 +70,7 @@ def attend(attn: nn.Module, h: Tensor, selections: dict, index: int, reuse: int 
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, layer: Layer, index: int):
         super().__init__()
-        linear = registry.get(layer.mechanism).family == "linear"
+        linear = registry.get(layer.mechanism).fixed_state
         rope = cfg.positions == "rope" or (cfg.positions == "hype" and linear)
         self.attn = layer_attention(cfg.dim, cfg.heads, cfg.kv_heads, layer, rope=rope)
         self.reuse, self.index = layer.reuse, index

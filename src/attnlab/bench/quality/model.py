@@ -32,7 +32,7 @@ State size (bytes, fp32) of the mixer at test length L, the x-axis of Zoology/Ba
   per key a query can see, at most: ``2 * d * 4 * max_row(mask)`` (dense: L, a window: w);
 * softmax that chooses among all keys at run time (data-dependent selection, pooled or mixed
   composites): the full cache, ``2 * L * d * 4``;
-* linear family (registry ``family == "linear"``): per head the state
+* linear kind (``Kind.LINEAR``, ``fixed_state``): per head the state
   phi(k)^T v [dh, dh] and the normalizer z [dh]: ``heads * dh * (dh + 1) * 4``.
 The conv's own state (2 * d floats) is the same for every mechanism and left out.
 """
@@ -50,6 +50,7 @@ from attnlab.nn import Attention
 from attnlab.nn.lm import attend, layer_attention
 from attnlab.nn.router import sparsity_loss
 from attnlab.policy import Policy
+from attnlab.spec import Kind
 
 EMBED_STD = 0.02  # GPT-2's / Zoology's initializer_range, for the token embedding only
 
@@ -140,7 +141,7 @@ def param_count(model: nn.Module) -> int:
 
 def is_linear_family(name: str) -> bool:
     mech = registry.get(name)
-    return mech.family == "linear"  # fixed d x d state; differential/relaxed keep a KV cache
+    return mech.fixed_state  # a d x d state; every other kind keeps a KV cache
 
 
 def static_mask(name: str, seq_len: int, options: dict) -> Tensor | None:
@@ -148,7 +149,7 @@ def static_mask(name: str, seq_len: int, options: dict) -> Tensor | None:
     (per-head patterns: the union over heads); None for data-dependent, composite or linear ones,
     whose output is not confined to a mask."""
     mech = registry.get(name)
-    if mech.mask is None or mech.select is not None or mech.oracle is not None or is_linear_family(name):
+    if mech.kind is not Kind.MASK:
         return None
     m = registry.mask(name, seq_len, seq_len, causal=True, **options)
     while m.dim() > 2:  # [Hkv, L, L] or [B, 1, L, L] -> [L, L]

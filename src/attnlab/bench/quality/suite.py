@@ -123,7 +123,7 @@ class Job:
 
     @property
     def heads(self) -> int:
-        return 1 if self.policy else mechs.HEADS.get(self.name, 1)
+        return 1 if self.policy else mechs.heads(self.name)
 
     def mask(self) -> torch.Tensor | None:
         """The static mask a single softmax mixer answers within (None: no reach cap)."""
@@ -160,7 +160,7 @@ def plan(
             for dim in cfg.dims:
                 if point.reach is not None and mechs.reach_option(name) is None:
                     continue  # T3 sweeps windows; the others run at full reach in T1
-                opts, why = mechs.resolve(name, point.seq_len, dim, point.reach)
+                opts, why = mechs.resolve(name, point.seq_len, point.reach)
                 if why:
                     notes.append(f"{name} ({point.task} {point.difficulty}, d={dim}): skipped: {why}")
                     continue
