@@ -29,7 +29,7 @@ forward alone 0.88-1.05 (the op itself costs nothing measurable; the difference 
 
 Not routed through the op (``traced``): dense SDPA, which PyTorch compiles natively, the
 ``impl="reference"`` oracle, and the mechanisms whose fast path is plain traceable tensor code
-(``TRACED`` below). A call the op cannot carry runs eagerly behind exactly one graph break
+(``Impl.traced`` on the mechanism's record). A call the op cannot carry runs eagerly behind exactly one graph break
 (``torch._dynamo.disable``): a precomputed ``selection=`` object, an option value that is not
 None/bool/int/float/str/tuple/list/Tensor, a tensor option that requires grad (the op would drop
 its gradient), or ``attention_lse`` of a mechanism without an executor LSE.
@@ -46,19 +46,6 @@ from torch import Tensor
 from torch._C import DispatchKey, DispatchKeySet
 
 from attnlab.core import AttentionOutput, check_qkv, compute_dtype, resolve_scale
-
-# Fast paths dynamo traces without a graph break: they stay in the graph, where the compiler can
-# fuse them with the projections around them. Dense SDPA compiles natively; the others are plain
-# tensor code (their learned tensor options, MoH gates or fixed-pattern weights, get gradients).
-TRACED = frozenset(
-    {
-        ("dense", "sdpa"),
-        ("moh", "sdpa"),
-        ("dha", "grouped_sdpa"),
-        ("differential", "two_maps"),
-        ("fixed_pattern", "chunked"),
-    }
-)
 
 # Strings go into the spec unescaped: names and values made of these characters only, else no op.
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-_.")
@@ -288,11 +275,6 @@ _attention_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -- dispatch while compiling ----------------------------------------------------------------------
-
-
-def traced(mechanism: str, impl_name: str) -> bool:
-    """Whether the compiled graph should trace this fast path itself instead of calling the op."""
-    return (mechanism, impl_name) in TRACED
 
 
 def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool) -> AttentionOutput:

@@ -83,7 +83,7 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> Attentio
     mech = get(mechanism)
     # While dynamo traces, fast paths it can't trace run as one opaque op (attnlab/compile.py).
     compiling = impl != "reference" and torch.compiler.is_compiling()
-    if compiling and not any(_compile.traced(mech.name, name) for name in mech.impls):
+    if compiling and not any(i.traced for i in mech.impls.values()):
         return _compile.run(q, k, v, mech, causal, scale, impl, options, need_lse)
     shapes = check_qkv(q, k, v)
     resolve_scale(scale, shapes.D)
@@ -97,7 +97,7 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> Attentio
         ref = mech.reference(q, k, v, causal=causal, scale=scale, **opts)
         return AttentionOutput(ref.out, ref.lse)
     name = _pick_impl(mech, q, k, v, causal, impl, opts, need_lse)
-    if compiling and not _compile.traced(mech.name, name):
+    if compiling and not mech.impls[name].traced:
         return _compile.run(q, k, v, mech, causal, scale, name, opts, need_lse)
     return mech.impls[name].fn(q, k, v, causal=causal, scale=scale, **opts)
 

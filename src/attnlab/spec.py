@@ -36,10 +36,13 @@ class Kind(enum.Enum):
 @dataclass(frozen=True)
 class Impl:
     """A fast path. ``supports(q, k, v, causal, need_lse=False, **options)`` returns None when it can
-    run the call, else the reason it can't."""
+    run the call, else the reason it can't. ``traced``: under torch.compile, dynamo traces the path
+    itself (plain tensor code or SDPA, which the compiler can fuse with the projections around it, and
+    whose tensor options get gradients) instead of calling it through attnlab's custom op."""
 
     fn: Callable[..., AttentionOutput]
     supports: Callable[..., str | None] | None = None
+    traced: bool = False
 
     def reason(self, q, k, v, causal, need_lse, opts) -> str | None:
         return None if self.supports is None else self.supports(q, k, v, causal, need_lse=need_lse, **opts)

@@ -82,7 +82,7 @@ SPEC = Mechanism(
     "dense",
     "Vaswani et al. 2017, arXiv 1706.03762",
     Kind.MASK,
-    {"sdpa": Impl(sdpa, sdpa_supports), "blocksparse": Impl(blocksparse)},
+    {"sdpa": Impl(sdpa, sdpa_supports, traced=True), "blocksparse": Impl(blocksparse)},
     lambda T, S, causal, o: {},
     mask=mask,
     layout=block_layout,

@@ -209,7 +209,7 @@ SPEC = Mechanism(
     "dha",
     "DHA (decoupled-head attention), arXiv 2406.06567",
     Kind.COMPOSITE,  # dense per head; the groupings route query heads to kv heads: its own oracle
-    {"grouped_sdpa": Impl(attention)},
+    {"grouped_sdpa": Impl(attention, traced=True)},
     check_options,
     DEFAULTS,
     example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},

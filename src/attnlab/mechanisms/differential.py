@@ -217,7 +217,7 @@ SPEC = Mechanism(
     "differential",
     "DIFF Transformer, arXiv 2410.05258; Grouped Differential Attention (GDA), arXiv 2510.06949",
     Kind.COMPOSITE,  # two softmax maps subtracted: the oracle materializes both
-    {"two_maps": Impl(attention)},
+    {"two_maps": Impl(attention, traced=True)},
     check_options,
     DEFAULTS,
     has_lse=False,

@@ -227,7 +227,7 @@ SPEC = Mechanism(
     "fixed_pattern",
     "Deconstructing Attention, arXiv 2510.11602; sigmoid attention, arXiv 2409.04431",
     Kind.RELAXED,
-    {"chunked": Impl(attention)},
+    {"chunked": Impl(attention, traced=True)},
     check_options,
     DEFAULTS,
     has_lse=False,

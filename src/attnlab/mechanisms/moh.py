@@ -91,7 +91,7 @@ SPEC = Mechanism(
     "moh",
     "MoH (mixture-of-head attention), arXiv 2410.11842: gated heads; the layer is nn.MoHAttention",
     Kind.COMPOSITE,  # dense attention rows scaled by per-(token, head) gates
-    {"sdpa": Impl(attention)},
+    {"sdpa": Impl(attention, traced=True)},
     check_options,
     DEFAULTS,
     has_lse=False,
