@@ -56,6 +56,12 @@ def test_executor_matches_the_oracle_forward_and_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_causal_is_refused_not_ignored():
+    q, k, v = (torch.randn(1, 2, 16, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="halo attention is non-causal"):
+        attnlab.attention(q, k, v, "halo", causal=True, shape=(4, 4), block_size=2)
+
+
 @pytest.mark.parametrize(
     ("opts", "match"),
     [

@@ -107,6 +107,12 @@ def test_per_axis_causal_is_causal_along_that_axis_only():
         assert m[a].nonzero().flatten().tolist() == want
 
 
+def test_cross_attention_is_refused_not_ignored():
+    q, k, v = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 4)
+    with pytest.raises(ValueError, match="self-attention over a grid"):
+        attnlab.attention(q, k, v, "neighborhood", shape=(4, 4), kernel_size=3)
+
+
 @pytest.mark.parametrize(
     ("opts", "match"),
     [

@@ -63,6 +63,12 @@ def test_executor_matches_the_oracle_forward_and_gradients():
             torch.testing.assert_close(a, b)
 
 
+def test_non_causal_is_refused_not_ignored():
+    q, k, v = (torch.randn(1, 2, 16, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="prefix_lm is causal after its prefix by definition"):
+        attnlab.attention(q, k, v, "prefix_lm", prefix=2)
+
+
 @pytest.mark.parametrize(
     ("opts", "match"),
     [
