@@ -2,7 +2,6 @@
 step == parallel, split-with-state == the full sequence; normalization edge cases; bad options."""
 
 import contextlib
-import math
 from unittest import mock
 
 import pytest
@@ -177,25 +176,6 @@ def test_tiny_denominators_stay_bounded_and_agree():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
-def test_lightning_invariants():
-    # gamma -> 1 is causal linear attention with identity features: tril(Q K^T) V / sqrt(D)
-    q, k, v = qkv(12, 12, Hkv=4)
-    almost = attnlab.attention(q, k, v, "lightning", causal=True, decay=1 - 1e-13)
-    plain = ((q @ k.transpose(-1, -2)) * 6**-0.5).tril() @ v
-    torch.testing.assert_close(almost, plain, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(attnlab.attention(q, k, v, "linear", causal=True, feature_map="identity"), plain)
-    # a per-head decay acts per head: head h equals a single-head call with its own decay
-    g = (0.3, 0.6, 0.8, 0.95)
-    out = attnlab.attention(q, k, v, "lightning", causal=True, decay=torch.tensor(g, dtype=torch.float64))
-    for h, gh in enumerate(g):
-        one = attnlab.attention(q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], "lightning", causal=True, decay=gh)
-        torch.testing.assert_close(out[:, h : h + 1], one)
-    # SALA's default: gamma_h = exp(-slope_h), ALiBi slopes incl. the non-power-of-two rule
-    assert lightning.alibi_slopes(8) == [2.0**-i for i in range(1, 9)]
-    assert lightning.alibi_slopes(6) == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
-    assert lightning.default_decay(2) == (math.exp(-(2**-4)), math.exp(-(2**-8)))
-
-
 def test_non_causal_every_query_sees_every_key():
     q, k, v = qkv(11, 17)
     perm = torch.randperm(17)
@@ -264,16 +244,6 @@ def test_fuzz_chunked_equals_parallel(variant, causal, T, S, heads, D, Dv, chunk
         ("linear", {"feature_map": "softmax"}, "feature_map must be one of 'elu\\+1', 'relu', 'identity'"),
         ("linear", {"feature_map": None}, "feature_map must be one of"),
         ("linear", {"chunk_size": 0}, "chunk_size must be a positive int"),
-        ("lightning", {"chunk_size": -4}, "chunk_size must be a positive int"),
-        ("lightning", {"chunk_size": 2.5}, "chunk_size must be a positive int"),
-        ("lightning", {"decay": 1.0}, "decay must lie in \\(0, 1\\)"),
-        ("lightning", {"decay": 0.0}, "decay must lie in \\(0, 1\\)"),
-        ("lightning", {"decay": (0.5, 1.5, 0.5, 0.5)}, "decay must lie in \\(0, 1\\)"),
-        ("lightning", {"decay": float("nan")}, "decay must lie in \\(0, 1\\)"),
-        ("lightning", {"decay": (0.5, 0.5)}, "decay must have one value per query head \\(H=4\\)"),
-        ("lightning", {"decay": torch.full((2, 2), 0.5)}, "decay must be a float or a 1-D tensor of per-head decays"),
-        ("lightning", {"decay": "fast"}, "decay must be None, a float"),
-        ("lightning", {"feature_map": "relu"}, "unknown option"),
     ],
 )
 def test_bad_options(name, opts, match):
