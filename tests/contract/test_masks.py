@@ -8,6 +8,13 @@ import torch
 import attnlab
 
 
+def mask_2d(name, T, S, **options):
+    """A mask shared by the batch and the heads: [1, 1, T, S] -> [T, S]."""
+    m = attnlab.mask(name, T, S, **options)
+    assert m.shape == (1, 1, T, S) and m.dtype == torch.bool
+    return m[0, 0]
+
+
 def natten_window(i, n, k, d, causal):
     """spec/mechanisms.md section 12, written as plain Python for one coordinate."""
     g, ip = i % d, i // d
@@ -45,7 +52,7 @@ NEIGHBORHOOD_CASES = [
 @pytest.mark.parametrize(("shape", "kernel", "dilation", "causal"), NEIGHBORHOOD_CASES)
 def test_neighborhood_mask_equals_spec(shape, kernel, dilation, causal):
     T = torch.tensor(shape).prod().item()
-    got = attnlab.mask("neighborhood", T, T, causal=causal, shape=shape, kernel_size=kernel, dilation=dilation)
+    got = mask_2d("neighborhood", T, T, causal=causal, shape=shape, kernel_size=kernel, dilation=dilation)
     assert torch.equal(got, brute_neighborhood(shape, kernel, dilation, causal))
     if not any(causal):  # the window shifts at borders: every query sees exactly prod(kernel) keys
         assert (got.sum(1) == torch.tensor(kernel).prod()).all()
@@ -53,13 +60,13 @@ def test_neighborhood_mask_equals_spec(shape, kernel, dilation, causal):
 
 def test_issue_example_mask():
     m = attnlab.mask("neighborhood", 64, 64, shape=(8, 8), kernel_size=(3, 3), dilation=(2, 1))
-    assert m.shape == (64, 64) and m.dtype == torch.bool
-    assert torch.equal(m, brute_neighborhood((8, 8), (3, 3), (2, 1), (False, False)))
+    assert m.shape == (1, 1, 64, 64) and m.dtype == torch.bool
+    assert torch.equal(m[0, 0], brute_neighborhood((8, 8), (3, 3), (2, 1), (False, False)))
 
 
 def test_neighborhood_covering_the_grid_is_dense():
-    assert attnlab.mask("neighborhood", 20, 20, shape=(4, 5), kernel_size=(4, 5)).all()
-    causal = attnlab.mask("neighborhood", 12, 12, causal=True, shape=(12,), kernel_size=12)
+    assert mask_2d("neighborhood", 20, 20, shape=(4, 5), kernel_size=(4, 5)).all()
+    causal = mask_2d("neighborhood", 12, 12, causal=True, shape=(12,), kernel_size=12)
     assert torch.equal(causal, torch.ones(12, 12, dtype=torch.bool).tril())
 
 
@@ -76,9 +83,9 @@ def test_dilation_is_independent_neighborhoods_on_strided_subgrids():
 
 
 def test_sliding_window_mask_and_large_window_equals_dense():
-    m = attnlab.mask("sliding_window", 6, 6, causal=True, window=2)
+    m = mask_2d("sliding_window", 6, 6, causal=True, window=2)
     assert m.sum(1).tolist() == [1, 2, 2, 2, 2, 2] and m.diagonal().all()
-    m = attnlab.mask("sliding_window", 7, 7, window=4)  # |i - j| <= 2, shrinking at the edges
+    m = mask_2d("sliding_window", 7, 7, window=4)  # |i - j| <= 2, shrinking at the edges
     assert m.sum(1).tolist() == [3, 4, 5, 5, 5, 4, 3]
     q, k, v = torch.randn(3, 1, 2, 30, 8, dtype=torch.float64)
     for causal in (False, True):
@@ -87,34 +94,34 @@ def test_sliding_window_mask_and_large_window_equals_dense():
 
 
 def test_streaming_mask():
-    m = attnlab.mask("streaming", 8, 8, causal=True, sinks=2, window=3)
+    m = mask_2d("streaming", 8, 8, causal=True, sinks=2, window=3)
     for i in range(8):
         assert m[i].nonzero().flatten().tolist() == sorted({j for j in range(i + 1) if j < 2 or j > i - 3})
 
 
 def test_halo_mask_equals_spec():
     H, W, b, h = 8, 12, 4, 1
-    m = attnlab.mask("halo", H * W, H * W, shape=(H, W), block_size=b, halo=h)
+    m = mask_2d("halo", H * W, H * W, shape=(H, W), block_size=b, halo=h)
     for a in range(H * W):
         y, x = divmod(a, W)
         y0, x0 = y // b * b, x // b * b
         want = [j for j in range(H * W) if y0 - h <= j // W < y0 + b + h and x0 - h <= j % W < x0 + b + h]
         assert m[a].nonzero().flatten().tolist() == want
     # a halo covering the image with one block is global attention
-    assert attnlab.mask("halo", 16, 16, shape=(4, 4), block_size=4, halo=0).all()
+    assert mask_2d("halo", 16, 16, shape=(4, 4), block_size=4, halo=0).all()
 
 
 def test_document_and_prefix_masks():
-    m = attnlab.mask("document", 6, 6, causal=True, lengths=(2, 4))
+    m = mask_2d("document", 6, 6, causal=True, lengths=(2, 4))
     want = torch.zeros(6, 6, dtype=torch.bool)
     want[:2, :2] = torch.ones(2, 2, dtype=torch.bool).tril()
     want[2:, 2:] = torch.ones(4, 4, dtype=torch.bool).tril()
     assert torch.equal(m, want)
     ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])
-    m = attnlab.mask("document", 5, 5, document_ids=ids)
+    m = attnlab.mask("document", 5, 5, document_ids=ids)  # per-batch ids: [B, 1, T, S]
     assert m.shape == (2, 1, 5, 5) and torch.equal(m[1, 0, 3], torch.tensor([False, False, False, True, True]))
-    torch.testing.assert_close(attnlab.mask("document", 5, 5, lengths=(2, 3)), m[0, 0])
-    p = attnlab.mask("prefix_lm", 5, 5, causal=True, prefix=3)
+    torch.testing.assert_close(mask_2d("document", 5, 5, lengths=(2, 3)), m[0, 0])
+    p = mask_2d("prefix_lm", 5, 5, causal=True, prefix=3)
     assert p[0].tolist() == [True, True, True, False, False] and p[3].tolist() == [True] * 4 + [False]
 
 
