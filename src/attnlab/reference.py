@@ -61,7 +61,9 @@ def _broadcast_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> Tensor:
 def attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, causal: bool = False, scale: float | None = None
 ) -> Reference:
-    """Dense masked softmax attention. ``causal`` is ANDed with ``mask`` (bottom-right aligned)."""
+    """Dense masked softmax attention. ``mask`` is bool [T, S], [H, T, S] or [B|1, H|1, T, S] (a
+    mechanism's [B|1, Hkv|1, T, S] mask goes through ``query_head_mask`` first); ``causal`` is ANDed
+    with it (bottom-right aligned)."""
     B, H, Hkv, T, S, D, _ = check_qkv(q, k, v)
     scale = resolve_scale(scale, D)
     ct = compute_dtype(q.dtype)
