@@ -67,7 +67,7 @@ def _dense_from_block_mask(bm, B: int, H: int) -> torch.Tensor:
 def _oracle_mask(name: str, T: int, S: int, causal: bool, B: int, H: int, Hkv: int, opts: dict) -> torch.Tensor:
     """The mechanism's dense mask as bool [B, H, T, S] (per kv head patterns repeated over groups)."""
     m = attnlab.mask(name, T, S, causal=causal, kv_heads=Hkv, **opts)  # [B|1, Hkv|1, T, S]
-    return query_head_mask(m, H).expand(B, H, T, S)
+    return query_head_mask(m, H).expand(B, H, *m.shape[2:])
 
 
 def _cases():
