@@ -329,8 +329,6 @@ def _dense_fallback(q, k, v, allowed, mechanism, causal, scale, options) -> Tens
             f"{mechanism} cannot be combined with this attention mask (not a padding mask over contiguous real "
             "tokens); pass unpadded or left-padded batches"
         )
-    T, S, H, Hkv = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
-    own = registry.mask(mechanism, T, S, causal=causal, kv_heads=Hkv, **options).to(q.device)
-    if mech.per_kv_head:  # [Hkv, T, S] -> [H, T, S]
-        own = own.repeat_interleave(H // Hkv, dim=0)
+    own = mech.dense_mask(q.shape[2], k.shape[2], causal=causal, kv_heads=k.shape[1], **options)
+    own = _reference.query_head_mask(own.to(q.device), q.shape[1])  # [B|1, H|1, T, S]
     return _reference.attention(q, k, v, own & allowed, scale=scale).out

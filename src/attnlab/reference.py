@@ -28,6 +28,22 @@ def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> Ten
     return j <= i + (S - T)
 
 
+def query_head_mask(mask: Tensor, heads: int) -> Tensor:
+    """A mechanism's mask [B|1, Hkv|1, T, S] -> [B|1, H|1, T, S] for ``heads`` query heads.
+
+    With grouped-query attention the query heads of a group share their kv head's pattern: query
+    head i uses kv head i // (H // Hkv), the order ``repeat_kv`` expands k and v in.
+    """
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be [B|1, Hkv|1, T, S], got shape {tuple(mask.shape)}")
+    kv_heads = mask.shape[1]
+    if kv_heads in (1, heads):
+        return mask
+    if heads % kv_heads:
+        raise ValueError(f"mask has {kv_heads} kv heads, which must divide the {heads} query heads")
+    return mask.repeat_interleave(heads // kv_heads, dim=1)
+
+
 def _broadcast_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> Tensor:
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = allowed), got {mask.dtype}")
@@ -45,7 +61,9 @@ def _broadcast_mask(mask: Tensor, B: int, H: int, T: int, S: int) -> Tensor:
 def attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, causal: bool = False, scale: float | None = None
 ) -> Reference:
-    """Dense masked softmax attention. ``causal`` is ANDed with ``mask`` (bottom-right aligned)."""
+    """Dense masked softmax attention. ``mask`` is bool [T, S], [H, T, S] or [B|1, H|1, T, S] (a
+    mechanism's [B|1, Hkv|1, T, S] mask goes through ``query_head_mask`` first); ``causal`` is ANDed
+    with it (bottom-right aligned)."""
     B, H, Hkv, T, S, D, _ = check_qkv(q, k, v)
     scale = resolve_scale(scale, D)
     ct = compute_dtype(q.dtype)

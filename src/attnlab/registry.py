@@ -156,12 +156,7 @@ def attention_lse(
 
 
 def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> Tensor:
-    """The mechanism's dense boolean mask (True = allowed): [T, S]; [B, 1, T, S] when per-batch;
-    [kv_heads, T, S] for per-head patterns (strided_shard)."""
-    mech = get(mechanism)
-    if mech.select is not None:
-        raise ValueError(f"{mechanism}'s mask depends on q and k: use attnlab.get({mechanism!r}).select(q, k, ...)")
-    if mech.mask is None:
-        raise ValueError(f"{mechanism} mixes several attentions and has no single mask")
-    opts = mech.resolve(T, S, causal, options)
-    return mech.mask(T, S, causal=causal, **mech._heads(kv_heads), **opts)
+    """The mechanism's dense boolean mask (True = allowed), always [B|1, Hkv|1, T, S]: B when the
+    options differ per batch row (per-batch document ids, groups), ``kv_heads`` when the pattern
+    differs per kv head (strided_shard); ``attnlab.reference.query_head_mask`` expands it to query heads."""
+    return get(mechanism).dense_mask(T, S, causal=causal, kv_heads=kv_heads, **options)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, check_causal
-from attnlab.kernels import BlockLayout
+from attnlab.kernels import BlockLayout, block_sizes, block_sparse_attention
 
 PATTERNS = ("self", "self_causal", "cross", "cross_causal")
 ALL_PATTERNS = frozenset(PATTERNS)
@@ -82,7 +82,10 @@ class Mechanism:
     workloads: Workloads = Workloads()
     axis_causal: bool = False  # causal may be a tuple of per-axis bools
     per_kv_head: bool = False  # mask and layout differ per kv head: they take kv_heads=
-    # (T, S, *, causal, **options) -> bool mask / BlockLayout; MASK mechanisms (a COMPOSITE may have them)
+    # MASK mechanisms (a COMPOSITE may have them), options resolved and keyword-only:
+    # mask(T, S, *, causal, **options) -> bool [T, S] or [B|1, Hkv|1, T, S];
+    # layout(T, S, *, causal, block, device=None, **options) -> BlockLayout (kernels.layout.cached_layout).
+    # A MASK record without a "blocksparse" impl gets the executor under its layout.
     mask: Callable[..., Tensor] | None = None
     layout: Callable[..., BlockLayout] | None = None
     # SELECTION: select(q, k, *, causal, scale, **options) -> a selection with .layout and .dense_mask()
@@ -99,6 +102,8 @@ class Mechanism:
         missing = [n for n in needs if getattr(self, n) is None]
         if missing:
             raise TypeError(f"{self.name}: a {self.kind.value} mechanism needs {', '.join(missing)}")
+        if self.kind is Kind.MASK and "blocksparse" not in self.impls:
+            object.__setattr__(self, "impls", {**self.impls, "blocksparse": Impl(self.blocksparse)})
 
     @property
     def selects(self) -> bool:
@@ -134,10 +139,39 @@ class Mechanism:
         return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}
 
     def block_layout(self, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> BlockLayout:
-        """The block layout the executor runs for these options (mechanisms with a fixed mask)."""
+        """The block layout the executor runs for these options (mechanisms with a fixed mask), for
+        the default device's tiles (``kernels.block_sizes()``)."""
         if self.layout is None:
             raise ValueError(f"{self.name} is a {self.kind.value} mechanism and has no fixed block layout")
-        return self.layout(T, S, causal=causal, **self._heads(kv_heads), **self.resolve(T, S, causal, options))
+        opts = self.resolve(T, S, causal, options)
+        return self.layout(T, S, causal=causal, block=block_sizes(), **self._heads(kv_heads), **opts)
+
+    def blocksparse(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> AttentionOutput:
+        """The executor under this mechanism's layout for q's device and its tiles (options resolved):
+        the ``blocksparse`` impl of every MASK record."""
+        T, S = q.shape[2], k.shape[2]
+        block = block_sizes(q.device)
+        lay = self.layout(T, S, causal=causal, block=block, device=q.device, **self._heads(k.shape[1]), **options)
+        if lay.kv_blocks.shape[0] not in (1, q.shape[0]):  # per-batch options (document ids, groups)
+            named = [n for n, o in options.items() if isinstance(o, Tensor) and o.shape == (lay.kv_blocks.shape[0], S)]
+            raise ValueError(
+                f"{', '.join(named) or 'the options'} has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}"
+            )
+        return block_sparse_attention(q, k, v, lay, scale=scale)
+
+    def dense_mask(self, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> Tensor:
+        """The dense bool mask (True = allowed) [B|1, Hkv|1, T, S] on the host: B when the options
+        differ per batch row, Hkv (= ``kv_heads``) when the pattern differs per kv head.
+        ``reference.query_head_mask`` expands it to the query heads."""
+        if self.select is not None:
+            raise ValueError(f"{self.name}'s mask depends on q and k: use attnlab.get({self.name!r}).select(q, k, ...)")
+        if self.mask is None:
+            raise ValueError(f"{self.name} mixes several attentions and has no single mask")
+        return self._dense_mask(T, S, causal, kv_heads, self.resolve(T, S, causal, options))
+
+    def _dense_mask(self, T: int, S: int, causal, kv_heads: int | None, opts: dict) -> Tensor:
+        m = self.mask(T, S, causal=causal, **self._heads(kv_heads), **opts)
+        return m if m.dim() == 4 else m.view(1, 1, *m.shape)  # [T, S]: shared by the batch and heads
 
     def reference(
         self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options
@@ -146,16 +180,12 @@ class Mechanism:
         opts = self.resolve(q.shape[2], k.shape[2], causal, options)
         if self.oracle is not None:
             return self.oracle(q, k, v, causal=causal, scale=scale, **opts)
-        groups = q.shape[1] // k.shape[1]
         if self.select is not None:
             sel = opts.pop("selection", None) or self.select(q, k, causal=causal, scale=scale, **opts)
-            m = sel.dense_mask().to(q.device)  # [B, Hkv or 1, T, S]
-            if m.shape[1] > 1:
-                m = m.repeat_interleave(groups, dim=1)  # -> [B, H, T, S]
+            m = sel.dense_mask()  # [B, Hkv or 1, T, S]
         else:
-            m = self.mask(q.shape[2], k.shape[2], causal=causal, **self._heads(k.shape[1]), **opts).to(q.device)
-        if self.per_kv_head:  # [Hkv, T, S] -> [H, T, S]: a group's query heads share the pattern
-            m = m.repeat_interleave(groups, dim=0)
+            m = self._dense_mask(q.shape[2], k.shape[2], causal, k.shape[1], opts)  # [B|1, Hkv|1, T, S]
+        m = _reference.query_head_mask(m.to(q.device), q.shape[1])  # [B|1, H|1, T, S]
         return _reference.attention(q, k, v, m, scale=scale)
 
     def weights(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options) -> Tensor:

@@ -77,14 +77,12 @@ def test_auto_runs_every_supported_pattern_at_default_blocks(name, device):
 
 def test_comparison_catches_a_wrong_fast_path(monkeypatch):
     """The check itself can fail: a fast path with a wrong scale must be reported."""
-    from attnlab.mechanisms import sliding_window
+    mech = attnlab.get("sliding_window")
+    real = mech.impls["blocksparse"].fn
 
-    real = sliding_window.attention
-
-    def wrong(q, k, v, *, causal=False, scale=None, window=512):
+    def wrong(q, k, v, *, causal, scale=None, window):
         return real(q, k, v, causal=causal, scale=0.5, window=window)
 
-    mech = attnlab.get("sliding_window")
     monkeypatch.setitem(mech.impls, "blocksparse", registry.Impl(wrong))
     q, k, v = torch.randn(3, 1, 2, 20, 8, dtype=torch.float64)
     assert compare_to_reference("sliding_window", q, k, v, causal=True, window=4)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.mechanisms import document, global_local, neighborhood, region
+from attnlab.mechanisms import global_local
 
 SRC = pathlib.Path(attnlab.__file__).parent
 FACTORIES = {
@@ -102,12 +102,14 @@ def _static_layouts():
         kv = {"kv_heads": 2} if mech.per_kv_head else {}
         out.append((mech.name, mech.block_layout(T, S, causal=causal, **kv, **mech.example(S))))
     ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 19])
-    out.append(("document_ids", document.layout(T, S, True, document_ids=ids)))
+    out.append(("document_ids", attnlab.get("document").block_layout(T, S, causal=True, document_ids=ids)))
     groups = torch.tensor([0, 1, 2, 1] * 6)
     rules = torch.tensor([[True, True, True], [True, True, False], [True, False, True]])
-    out.append(("region_ordered", region.layout(T, S, False, groups, rules)))
-    out.append(("region_causal", region.layout(T, S, True, groups, rules)))
-    out.append(("neighborhood_2d", neighborhood.block_layout(T, S, shape=(4, 6), kernel_size=3)))
+    region = attnlab.get("region")
+    out.append(("region_ordered", region.block_layout(T, S, causal=False, groups=groups, rules=rules)))
+    out.append(("region_causal", region.block_layout(T, S, causal=True, groups=groups, rules=rules)))
+    grid = attnlab.get("neighborhood").block_layout(T, S, shape=(4, 6), kernel_size=3)
+    out.append(("neighborhood_2d", grid))
     out.append(("global_local", global_local._global_layout(T, S, 4, attnlab.kernels.block_sizes())))
     return out
 

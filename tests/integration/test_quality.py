@@ -108,7 +108,7 @@ def test_train_and_test_never_overlap_and_are_deterministic():
 
 
 def test_reach_cap_on_a_hand_made_case():
-    mask = attnlab.mask("sliding_window", 8, 8, causal=True, window=2)  # query q sees q-1 and q
+    mask = attnlab.mask("sliding_window", 8, 8, causal=True, window=2)[0, 0]  # query q sees q-1 and q
     answer = torch.full((2, 8), -1)
     scored = torch.zeros(2, 8, dtype=torch.bool)
     # row 0: q=5 answer 4 (seen), q=7 answer 2 (not seen: 2 and 3 out of the window)

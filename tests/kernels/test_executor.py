@@ -217,8 +217,8 @@ def test_small_selection_layouts_take_the_gathered_path_in_one_batched_call(monk
     """The gathered path launches O(1) kernel calls for a whole batch of per-slice layouts (the
     planned one launches at least one per slice) and bounds its calls to the chunk budget."""
     calls = []
-    real = gathered._flash
-    monkeypatch.setattr(gathered, "_flash", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    real = gathered.cpu_flash
+    monkeypatch.setattr(gathered, "cpu_flash", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     q, k, v = (torch.randn(32, 1, 64, 16) for _ in range(3))
     attnlab.attention(q, k, v, "block_topk", causal=True, block_size=8, top_k=3, init_blocks=1, local_blocks=1)
     assert len(calls) == 1 and calls[0][1] == 32 * 8  # every (batch row, query block) in one call

@@ -24,6 +24,7 @@ from attnlab.kernels import block_size, block_sparse_attention, flex
 from attnlab.kernels.flex import flex_on_cpu, layout_block_mask
 from attnlab.kernels.layout import layout_from_blocks
 from attnlab.mechanisms import document
+from attnlab.reference import query_head_mask
 
 MASK_MECHS = [m.name for m in attnlab.registry.MECHANISMS if m.layout is not None]
 SIZES = {"self": (36, 36), "self_causal": (36, 36), "cross": (37, 53), "cross_causal": (37, 53)}
@@ -65,12 +66,8 @@ def _dense_from_block_mask(bm, B: int, H: int) -> torch.Tensor:
 
 def _oracle_mask(name: str, T: int, S: int, causal: bool, B: int, H: int, Hkv: int, opts: dict) -> torch.Tensor:
     """The mechanism's dense mask as bool [B, H, T, S] (per kv head patterns repeated over groups)."""
-    mech = attnlab.get(name)
-    m = attnlab.mask(name, T, S, causal=causal, kv_heads=Hkv if mech.per_kv_head else None, **opts)
-    m = m.unsqueeze(0) if mech.per_kv_head else (m if m.dim() == 4 else m.view(1, 1, *m.shape))
-    if m.shape[1] > 1:
-        m = m.repeat_interleave(H // Hkv, dim=1)
-    return m.expand(B, H, *m.shape[2:])
+    m = attnlab.mask(name, T, S, causal=causal, kv_heads=Hkv, **opts)  # [B|1, Hkv|1, T, S]
+    return query_head_mask(m, H).expand(B, H, *m.shape[2:])
 
 
 def _cases():
@@ -142,7 +139,7 @@ def test_block_mask_is_cached_and_moved_once(monkeypatch):
     monkeypatch.setattr(flex, "_build_block_mask", lambda *a: builds.append(1) or real(*a))
     ids = torch.tensor([0] * 20 + [1] * 21)
     with block_size(16):
-        lay = document.layout(41, 41, True, document_ids=ids)
+        lay = attnlab.get("document").block_layout(41, 41, causal=True, document_ids=ids)
     q = k = v = torch.randn(1, 2, 41, 16)
     with flex_on_cpu("eager"):
         first = attnlab.attention(q, k, v, "document", causal=True, document_ids=ids)
@@ -204,7 +201,8 @@ def test_a_layout_with_no_block_at_all(flex_path):
 
 def test_bad_layouts_and_modes_are_refused():
     with block_size(16):
-        lay = document.layout(41, 41, False, document_ids=torch.zeros(2, 41, dtype=torch.long))
+        ids = torch.zeros(2, 41, dtype=torch.long)
+        lay = attnlab.get("document").block_layout(41, 41, causal=False, document_ids=ids)
     with pytest.raises(ValueError, match="layout has batch 2 but q has batch 3"):
         layout_block_mask(lay, 3, 2, "cpu")
     with pytest.raises(ValueError, match="mode must be"):

@@ -11,9 +11,9 @@ def test_mask_follows_the_rule_table():
     rules = torch.tensor([[True, True, True], [True, True, False], [False, False, True]])
     m = attnlab.mask("region", 6, 6, groups=groups, rules=rules)
     want = torch.tensor([[bool(rules[groups[i], groups[j]]) for j in range(6)] for i in range(6)])
-    assert torch.equal(m, want)
+    assert m.shape == (1, 1, 6, 6) and torch.equal(m[0, 0], want)
     c = attnlab.mask("region", 6, 6, causal=True, groups=groups, rules=rules)
-    assert torch.equal(c, want & torch.ones(6, 6, dtype=torch.bool).tril())
+    assert torch.equal(c[0, 0], want & torch.ones(6, 6, dtype=torch.bool).tril())
 
 
 def test_defaults_are_one_group():

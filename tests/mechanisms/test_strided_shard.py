@@ -23,7 +23,7 @@ def test_mask_equals_block_rule():
             want = torch.tensor(
                 [[spec_keep(h, i, j, T, S, causal, 3, 2, 4, 1, h == 2) for j in range(S)] for i in range(T)]
             )
-            assert torch.equal(m[h], want)
+            assert torch.equal(m[0, h], want)
 
 
 def test_union_of_heads_covers_every_causal_position():
@@ -31,8 +31,9 @@ def test_union_of_heads_covers_every_causal_position():
     m = attnlab.mask(
         "strided_shard", T, T, causal=True, kv_heads=heads, block_size=4, local_blocks=1, vert_stride=stride
     )
-    assert torch.equal(m.any(0), torch.ones(T, T, dtype=torch.bool).tril())
-    assert not torch.equal(m[0], m[1])  # the shards really differ per head
+    assert m.shape == (1, heads, T, T)  # [1, kv_heads, T, S]
+    assert torch.equal(m[0].any(0), torch.ones(T, T, dtype=torch.bool).tril())
+    assert not torch.equal(m[0, 0], m[0, 1])  # the shards really differ per head
 
 
 def test_dense_head_equals_dense_and_full_band_equals_causal():

@@ -22,9 +22,10 @@ from torch import Tensor
 
 from attnlab.core import merge_lse
 from attnlab.kernels.layout import BlockLayout
-from attnlab.kernels.plan import _get_plan, _Group
+from attnlab.kernels.plan import Group, get_plan
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# PyTorch's fused CPU flash kernel, which also returns the LSE: the executor's CPU paths and dense SDPA call it.
+cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _MASK_CACHE_ELEMS = 1 << 25  # per plan: partial-block masks kept for reuse (128 MiB in fp32)
 
@@ -40,7 +41,7 @@ def _slice(x: Tensor, b: int, h: int, Bl: int, Hl: int) -> Tensor:
     return x[b, h].unsqueeze(0)
 
 
-def _to_blocks(x: Tensor, Hkv: int, Bq: int, nQB: int) -> Tensor:
+def to_blocks(x: Tensor, Hkv: int, Bq: int, nQB: int) -> Tensor:
     """[B, H, T, *E] -> [B, Hkv, nQB, G*Bq, *E]: a query block's rows for all G heads of a kv head."""
     B, H, T = x.shape[:3]
     E = x.shape[3:]
@@ -50,14 +51,16 @@ def _to_blocks(x: Tensor, Hkv: int, Bq: int, nQB: int) -> Tensor:
     return x.reshape(B, Hkv, nQB, (H // Hkv) * Bq, *E)
 
 
-def _from_blocks(x: Tensor, H: int, T: int) -> Tensor:
+def from_blocks(x: Tensor, H: int, T: int) -> Tensor:
+    """The inverse of ``to_blocks``: [B, Hkv, nQB, G*Bq, *E] -> [B, H, T, *E]."""
     B, Hkv, nQB, rows = x.shape[:4]
     E = x.shape[4:]
     x = x.reshape(B, Hkv, nQB, H // Hkv, rows * Hkv // H, *E).transpose(2, 3)
     return x.reshape(B, H, -1, *E)[:, :, :T]
 
 
-def _pad_keys(x: Tensor, length: int) -> Tensor:
+def pad_keys(x: Tensor, length: int) -> Tensor:
+    """[B, h, S, E] zero-padded to ``length`` keys (whole key blocks), contiguous."""
     if x.shape[2] != length:
         x = F.pad(x, (0, 0, 0, length - x.shape[2]))
     return x.contiguous()
@@ -76,11 +79,11 @@ class _Ctx:
         self.Bl, self.Hl = layout.kv_blocks.shape[:2]
         self.rows = self.G * self.Bq
         N = (self.B // self.Bl) * (self.Hkv // self.Hl)
-        self.plan, self._masks = _get_plan(layout, N * max(self.D, 1), self.rows)
+        self.plan, self._masks = get_plan(layout, N * max(self.D, 1), self.rows)
         self.device = q.device
         self.q_pos = torch.arange(self.Bq, device=q.device).repeat(self.G)  # row r of a folded block: token r % Bq
 
-    def keys(self, x: Tensor, g: _Group) -> tuple[Tensor, Tensor | None]:
+    def keys(self, x: Tensor, g: Group) -> tuple[Tensor, Tensor | None]:
         """The group's key runs from padded x [B, Hkv, S_pad, E]: [N, m, span, E] and the token
         index used (None when the run is a strided view)."""
         xs = _slice(x, g.b, g.h, self.Bl, self.Hl)
@@ -99,26 +102,26 @@ class _Ctx:
         rows = (torch.arange(N, device=x.device).unsqueeze(1) * nKB + g.blocks.flatten()).flatten()  # [N * m * L]
         return xs.view(N * nKB, self.Bk * E).index_select(0, rows).view(N, m, span, E), idx
 
-    def square(self, x: Tensor, g: _Group) -> Tensor:
+    def square(self, x: Tensor, g: Group) -> Tensor:
         """A square group's rows from blocked x [B, Hkv, nQB, G*Bq, E] as [N, G, m*Bq, E]: the G
         query heads become the call's heads, so causal rows stay in order."""
         xs = x.flatten(0, 1)[:, g.sel]  # [N, m, G*Bq, E]
         N, m, _, E = xs.shape
         return xs.view(N, m, self.G, self.Bq, E).transpose(1, 2).reshape(N, self.G, m * self.Bq, E)
 
-    def unsquare(self, x: Tensor, g: _Group) -> Tensor:
+    def unsquare(self, x: Tensor, g: Group) -> Tensor:
         """Inverse of ``square``: [N, G, m*Bq, E] -> [N, m, G*Bq, E]."""
         N, _, L, E = x.shape
         m = L // self.Bq
         return x.view(N, self.G, m, self.Bq, E).transpose(1, 2).reshape(N, m, self.G * self.Bq, E)
 
-    def square_keys(self, x: Tensor, g: _Group) -> Tensor:
+    def square_keys(self, x: Tensor, g: Group) -> Tensor:
         """The square's keys from padded x [B, Hkv, S_pad, E] as [N, G, m*Bk, E] (no copy)."""
         k0, L = int(g.blocks[0, 0]) * self.Bk, len(g.items) * self.Bk
         xs = x.flatten(0, 1)[:, k0 : k0 + L]
         return xs.unsqueeze(1).expand(xs.shape[0], self.G, L, xs.shape[2])
 
-    def mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    def mask(self, g: Group, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         """Additive mask [1, m or 1, rows, span] and row-has-a-key [m, rows], or (None, None).
 
         Masks are cached with the plan, so later calls and the backward skip the predicate: always
@@ -137,7 +140,7 @@ class _Ctx:
             self._masks["elements"] = held + add.numel()
         return add, has_key
 
-    def _build_mask(self, g: _Group, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _build_mask(self, g: Group, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The predicate runs on the group's partial blocks only: full blocks are allowed for every
         real row by the layout's contract (rows past T are padding and don't matter)."""
         m, L = g.blocks.shape
@@ -160,7 +163,7 @@ class _Ctx:
         add[i, :, j] = torch.zeros((), dtype=dtype, device=self.device).masked_fill(~ok, float("-inf"))
         return add.view(1, m, self.rows, L * self.Bk), has_key
 
-    def _partial_flags(self, g: _Group) -> Tensor:
+    def _partial_flags(self, g: Group) -> Tensor:
         """Which of the group's blocks [m, L] the layout marks partial (visited ids are ascending)."""
         kvb = self.layout.kv_blocks[g.b, g.h][g.items]  # [m, V], -1 after the visited ids
         ids = torch.where(kvb >= 0, kvb, self.layout.n_k_blocks)
@@ -169,8 +172,8 @@ class _Ctx:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
-    qb = _to_blocks(q, c.Hkv, c.Bq, c.nQB)  # [B, Hkv, nQB, rows, D]
-    kp, vp = _pad_keys(k, c.S_pad), _pad_keys(v, c.S_pad)
+    qb = to_blocks(q, c.Hkv, c.Bq, c.nQB)  # [B, Hkv, nQB, rows, D]
+    kp, vp = pad_keys(k, c.S_pad), pad_keys(v, c.S_pad)
     Dv = v.shape[-1]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Uninitialized: every visited block is written below; blocks no run visits are zeroed after.
@@ -181,14 +184,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
         sel = g.sel
         if g.square:
             q_sq, k_sq, v_sq = c.square(qb, g), c.square_keys(kp, g), c.square_keys(vp, g)
-            o, lse_g = _flash(q_sq, k_sq, v_sq, 0.0, True, scale=c.scale)
+            o, lse_g = cpu_flash(q_sq, k_sq, v_sq, 0.0, True, scale=c.scale)
             o, lse_g = c.unsquare(o, g), c.unsquare(lse_g.unsqueeze(-1), g).squeeze(-1).to(lse_dtype)
         else:
             qs = _slice(qb, g.b, g.h, c.Bl, c.Hl)[:, sel]  # [N, m, rows, D]
             kg, _ = c.keys(kp, g)
             vg, _ = c.keys(vp, g)
             add, has_key = c.mask(g, q.dtype)
-            o, lse_g = _flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
+            o, lse_g = cpu_flash(qs, kg, vg, 0.0, False, attn_mask=add, scale=c.scale)
             lse_g = lse_g.to(lse_dtype)
             if has_key is not None and not bool(has_key.all()):
                 lse_g = lse_g.masked_fill(~has_key, float("-inf"))  # the kernel reports 0 for empty rows
@@ -207,17 +210,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Ctx) -> tuple[Tensor, Tensor]:
                 unseen = (~seen[b, h]).nonzero().flatten()
                 _slice(out, b, h, c.Bl, c.Hl)[:, unseen] = 0
                 _slice(lse, b, h, c.Bl, c.Hl)[:, unseen] = float("-inf")
-    return _from_blocks(out, c.H, c.T), _from_blocks(lse, c.H, c.T)
+    return from_blocks(out, c.H, c.T), from_blocks(lse, c.H, c.T)
 
 
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, c: _Ctx):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qb = _to_blocks(q, c.Hkv, c.Bq, c.nQB)
-    ob = _to_blocks(out, c.Hkv, c.Bq, c.nQB)
-    dob = _to_blocks(dout.to(q.dtype), c.Hkv, c.Bq, c.nQB)
+    qb = to_blocks(q, c.Hkv, c.Bq, c.nQB)
+    ob = to_blocks(out, c.Hkv, c.Bq, c.nQB)
+    dob = to_blocks(dout.to(q.dtype), c.Hkv, c.Bq, c.nQB)
     # Rows with no key: +inf makes every probability exp(s - inf) = 0, so their gradients are 0.
-    lb = _to_blocks(lse.masked_fill(torch.isneginf(lse), float("inf")), c.Hkv, c.Bq, c.nQB)
-    kp, vp = _pad_keys(k, c.S_pad), _pad_keys(v, c.S_pad)
+    lb = to_blocks(lse.masked_fill(torch.isneginf(lse), float("inf")), c.Hkv, c.Bq, c.nQB)
+    kp, vp = pad_keys(k, c.S_pad), pad_keys(v, c.S_pad)
     dq = torch.zeros(qb.shape, dtype=acc, device=q.device)
     dk = torch.zeros(kp.shape, dtype=acc, device=q.device)
     dv = torch.zeros(vp.shape, dtype=acc, device=q.device)
@@ -245,11 +248,11 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
         _slice(dq, *sl)[:, sel] += gq.to(acc)  # query blocks are unique within a group
         for dst, grad in ((dk, gk), (dv, gv)):
             _scatter_keys(_slice(dst, *sl), grad.to(acc), g, c.Bk, idx)
-    dq = _from_blocks(dq, c.H, c.T).to(q.dtype)
+    dq = from_blocks(dq, c.H, c.T).to(q.dtype)
     return dq, dk[:, :, : c.S].to(k.dtype), dv[:, :, : c.S].to(v.dtype)
 
 
-def _scatter_keys(dst: Tensor, grad: Tensor, g: _Group, Bk: int, idx: Tensor | None) -> None:
+def _scatter_keys(dst: Tensor, grad: Tensor, g: Group, Bk: int, idx: Tensor | None) -> None:
     """Add per-run key gradients grad [N, m, span, E] back into dst [N, S_pad, E].
 
     Evenly spaced runs overlap in a fixed pattern, so each of the run's L block positions is one

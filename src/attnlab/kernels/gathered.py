@@ -24,10 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab.kernels.cpu import _from_blocks, _pad_keys, _to_blocks, executor_function
+from attnlab.kernels.cpu import cpu_flash, executor_function, from_blocks, pad_keys, to_blocks
 from attnlab.kernels.layout import BlockLayout
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 _CHUNK_ELEMS = 1 << 22  # bound on gathered-K plus mask elements per kernel call
 # Per-slice score area (query rows x padded visited keys) up to which a selection runs here. Measured
@@ -110,23 +109,23 @@ class _Gather:
 
 def _blocks(x: Tensor, c: _Gather) -> Tensor:
     """[B, H, T, E] -> [R, G*Bq, E] (padded to whole query blocks)."""
-    return _to_blocks(x, c.Hkv, c.Bq, c.nQB).flatten(0, 2)
+    return to_blocks(x, c.Hkv, c.Bq, c.nQB).flatten(0, 2)
 
 
 def _unblocks(x: Tensor, c: _Gather, B: int) -> Tensor:
     """Inverse of ``_blocks``: [R, G*Bq, *E] -> [B, H, T, *E]."""
-    return _from_blocks(x.unflatten(0, (B, c.Hkv, c.nQB)), c.H, c.T)
+    return from_blocks(x.unflatten(0, (B, c.Hkv, c.nQB)), c.H, c.T)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, c: _Gather) -> tuple[Tensor, Tensor]:
-    qb, kp, vp = _blocks(q, c), _pad_keys(k, c.nKB * c.Bk), _pad_keys(v, c.nKB * c.Bk)
+    qb, kp, vp = _blocks(q, c), pad_keys(k, c.nKB * c.Bk), pad_keys(v, c.nKB * c.Bk)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty(qb.shape)
     lse = torch.empty(qb.shape[:2], dtype=lse_dtype, device=q.device)
     has_key = torch.empty(qb.shape[:2], dtype=torch.bool, device=q.device)
     for lo, hi in c.chunks():
         mask, has_key[lo:hi] = c.mask_of(lo, hi, q.dtype)
-        o, l_ = _flash(qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi), 0.0, False, attn_mask=mask,
+        o, l_ = cpu_flash(qb[lo:hi].unsqueeze(0), c.keys(kp, lo, hi), c.keys(vp, lo, hi), 0.0, False, attn_mask=mask,
                        scale=c.scale)  # fmt: skip
         out[lo:hi], lse[lo:hi] = o[0], l_[0]
     # The CPU flash kernel returns out 0 and lse 0 for a fully masked row; a row with no key has lse -inf.
@@ -142,7 +141,7 @@ def _backward(dout, q, k, v, out, lse, c: _Gather):
     qb, ob, dob = _blocks(q, c), _blocks(out, c), _blocks(dout.to(q.dtype), c)
     # Rows with no key: +inf makes every probability exp(s - inf) = 0, so their gradients are 0.
     lb = _blocks(lse.masked_fill(torch.isneginf(lse), float("inf")).unsqueeze(-1), c).squeeze(-1).to(acc)
-    kp, vp = _pad_keys(k, c.nKB * c.Bk), _pad_keys(v, c.nKB * c.Bk)
+    kp, vp = pad_keys(k, c.nKB * c.Bk), pad_keys(v, c.nKB * c.Bk)
     D = kp.shape[-1]
     dq = torch.empty(qb.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(kp.numel() // (c.Bk * D), c.Bk * D, dtype=acc, device=q.device)  # whole blocks as rows

@@ -8,6 +8,7 @@ blocks exactly by evaluating the predicate only inside that range, so building n
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -350,6 +351,28 @@ class TensorKeyedCache:
         while len(self.entries) > self.size:
             self.entries.pop(next(iter(self.entries)))
         return value
+
+
+def cached_layout(build: Callable[..., BlockLayout]) -> Callable[..., BlockLayout]:
+    """``build(T, S, *, causal, block, **options)`` made a mask mechanism's ``layout``, whose protocol
+    is ``layout(T, S, *, causal, block, device=None, **options) -> BlockLayout``.
+
+    A layout is planned on the host once per distinct arguments (tensor options are keyed by
+    identity and version, see :class:`TensorKeyedCache`), so every layer of a model calling the
+    same mask reuses it; given ``device``, it comes back moved there (once, see ``BlockLayout.to``).
+    """
+    cache = TensorKeyedCache(64)
+
+    @functools.wraps(build)
+    def layout(T: int, S: int, *, causal, block: tuple[int, int], device=None, **options) -> BlockLayout:
+        block = tuple(block)
+        names = sorted(options)
+        hashable = tuple(causal) if isinstance(causal, list) else causal  # per-axis causal flags
+        key = (T, S, hashable, block, tuple(names), *(options[n] for n in names))
+        lay = cache.get(key, lambda: build(T, S, causal=causal, block=block, **options))
+        return lay if device is None else lay.to(device)
+
+    return layout
 
 
 def causal_blocks(T: int, S: int, block: int, causal: bool, *, device=None) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,9 @@ _MAX_RUNS_PER_BLOCK = 4  # beyond this many runs per query block, gather instead
 
 
 @dataclass(frozen=True)
-class _Group:
+class Group:
+    """One kernel call of a plan: query blocks of one layout slice that visit equal runs of key blocks."""
+
     b: int  # slice indices into the layout
     h: int
     items: Tensor  # [m] query block ids, unique
@@ -115,7 +117,7 @@ def _evenly_spaced(items: Tensor, starts: Tensor, max_period: int = 8, min_segme
     return out
 
 
-def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Group]:
+def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[Group]:
     groups = []
     Bl, Hl = layout.kv_blocks.shape[:2]
     for b in range(Bl):
@@ -140,7 +142,7 @@ def _plan(layout: BlockLayout, n_slices_rows: int, span_cost: int) -> list[_Grou
                 for c in range(0, len(items), per):
                     it, bl = items[c : c + per], blocks[c : c + per]
                     step = _step(bl[:, 0]) if _is_run(bl) else None
-                    groups.append(_Group(b, h, it, bl, msk, step))
+                    groups.append(Group(b, h, it, bl, msk, step))
     return groups
 
 
@@ -178,9 +180,9 @@ def _staircases(layout: BlockLayout, runs_info):
             d0 = int(last[idx[i]])
             if d0 > starts[i]:  # the prefix every row of the stretch sees in full
                 blocks = (starts[i] + torch.arange(d0 - starts[i])).expand(len(seg), -1)  # host: CPU plan
-                groups.append(_Group(0, 0, seg, blocks, False, 0))
+                groups.append(Group(0, 0, seg, blocks, False, 0))
             diag = (d0 + torch.arange(len(seg))).unsqueeze(1)  # host: CPU plan
-            groups.append(_Group(0, 0, seg, diag, False, None, square=True))
+            groups.append(Group(0, 0, seg, diag, False, None, square=True))
             used[idx[i:j]] = True
         i = j
     keep = ~used
@@ -229,7 +231,7 @@ def _row_groups(kvb: Tensor, part: Tensor) -> list[tuple[Tensor, Tensor, bool]]:
     return out
 
 
-def _get_plan(layout: BlockLayout, rows_cost: int, span_cost: int) -> tuple[list[_Group], dict]:
+def get_plan(layout: BlockLayout, rows_cost: int, span_cost: int) -> tuple[list[Group], dict]:
     """The plan for a layout and call geometry, with a cache for its shared masks."""
     key = (rows_cost, span_cost)
     cache = _plans.setdefault(layout, {})

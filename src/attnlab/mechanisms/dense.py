@@ -1,26 +1,24 @@
 """Dense softmax attention (Vaswani et al., "Attention Is All You Need", 2017).
 
 Fast paths: PyTorch's fused SDPA kernel where it can run the call, and the block-sparse executor
-for the pattern it cannot (causal cross-attention, which SDPA aligns top-left, not bottom-right).
+(the record's generic ``blocksparse`` impl) for the pattern it cannot (causal cross-attention, which
+SDPA aligns top-left, not bottom-right).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.core import AttentionOutput, equal_head_dims, repeat_kv, resolve_scale
-from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import query_positions
+from attnlab.kernels import build_layout
+from attnlab.kernels.cpu import cpu_flash
+from attnlab.kernels.layout import cached_layout, query_positions
 from attnlab.spec import Impl, Kind, Mechanism
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-
-def mask(T: int, S: int, *, causal: bool = False) -> Tensor:
+def mask(T: int, S: int, *, causal: bool) -> Tensor:
     """bool [T, S]; causal is bottom-right aligned."""
     if not causal:
         return torch.ones(T, S, dtype=torch.bool)  # host: dense oracle mask, moved by the caller
@@ -35,7 +33,7 @@ def sdpa_supports(q: Tensor, k: Tensor, v: Tensor, causal: bool, need_lse: bool 
     return None
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> AttentionOutput:
+def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None) -> AttentionOutput:
     """PyTorch's fused kernel; on CPU the flash op also hands back the LSE at no extra cost."""
     scale = resolve_scale(scale, q.shape[-1])
     groups = q.shape[1] // k.shape[1]
@@ -46,7 +44,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float 
         lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         return AttentionOutput(q.new_zeros(*q.shape[:3], v.shape[-1]), lse)
     q_, k_, v_ = equal_head_dims(q, k, v)
-    out, lse = _flash(q_, repeat_kv(k_, groups), repeat_kv(v_, groups), 0.0, causal, scale=scale)
+    out, lse = cpu_flash(q_, repeat_kv(k_, groups), repeat_kv(v_, groups), 0.0, causal, scale=scale)
     return AttentionOutput(
         out[..., : v.shape[-1]], lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     )
@@ -59,8 +57,8 @@ def _mask_mod(offset: int):
     return causal_mod
 
 
-@functools.lru_cache(maxsize=64)
-def layout(T: int, S: int, causal: bool, block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal: bool, block: tuple[int, int]):
     if not causal:
         return build_layout(lambda b, h, qi, ki: torch.ones_like(qi + ki, dtype=torch.bool), T, S, block=block)
     _, last = query_positions(T, S, block[0])
@@ -68,22 +66,14 @@ def layout(T: int, S: int, causal: bool, block: tuple[int, int]):
     return build_layout(_mask_mod(S - T), T, S, key_ranges=ranges, block=block)
 
 
-def blocksparse(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
-) -> AttentionOutput:
-    return block_sparse_attention(q, k, v, layout(q.shape[2], k.shape[2], causal, block_sizes(q.device)), scale=scale)
-
-
-def block_layout(T: int, S: int, *, causal: bool = False):
-    return layout(T, S, causal, block_sizes())
-
-
 SPEC = Mechanism(
     "dense",
     "Vaswani et al. 2017, arXiv 1706.03762",
     Kind.MASK,
-    {"sdpa": Impl(sdpa, sdpa_supports, traced=True), "blocksparse": Impl(blocksparse)},
+    {"sdpa": Impl(sdpa, sdpa_supports, traced=True)},  # then the record's blocksparse
     lambda T, S, causal, o: {},
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )
+
+blocksparse = SPEC.blocksparse  # dense attention on the executor, for mechanisms built on it

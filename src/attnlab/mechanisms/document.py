@@ -10,17 +10,15 @@ that position's document; rows with p < 0 see nothing.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput
-from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import TensorKeyedCache, block_ranges, query_positions, take
-from attnlab.spec import Impl, Kind, Mechanism, Workloads
+from attnlab.kernels import build_layout
+from attnlab.kernels.layout import block_ranges, cached_layout, query_positions, take
+from attnlab.spec import Kind, Mechanism, Workloads
 
 DEFAULTS = {"lengths": None, "document_ids": None}
 
@@ -54,15 +52,15 @@ def _ids(S: int, lengths: tuple[int, ...] | None, document_ids: Tensor | None) -
     return ids.unsqueeze(0) if ids.dim() == 1 else ids
 
 
-def mask(T: int, S: int, *, causal: bool = False, lengths=None, document_ids=None) -> Tensor:
-    """bool [T, S], or [B, 1, T, S] for per-batch document_ids."""
+def mask(T: int, S: int, *, causal: bool, lengths, document_ids) -> Tensor:
+    """bool [Bl, 1, T, S]: Bl = B for per-batch document_ids, else 1."""
     ids = _ids(S, lengths, document_ids)  # [Bl, S]
     p = torch.arange(T) + (S - T)  # host: dense oracle mask
     q_doc = torch.where(p >= 0, ids[:, p.clamp(min=0)], -1)  # [Bl, T]; -1 matches nothing
     allowed = (q_doc.unsqueeze(2) == ids.unsqueeze(1)) & (p >= 0).view(1, T, 1)
     if causal:
         allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))  # host: dense oracle mask
-    return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
+    return allowed.unsqueeze(1)
 
 
 def _mask_mod(ids: Tensor, offset: int, causal: bool):
@@ -75,7 +73,9 @@ def _mask_mod(ids: Tensor, offset: int, causal: bool):
     return document
 
 
-def _layout(ids: Tensor, T: int, S: int, causal: bool, block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal: bool, block: tuple[int, int], lengths, document_ids):
+    ids = _ids(S, lengths, document_ids)  # [Bl, S]
     _, last_pos = query_positions(T, S, block[0])
     # Each document's first and last key position bounds the keys a query in it can see.
     n_docs = int(ids.max()) - int(ids.min()) + 1
@@ -102,42 +102,6 @@ def _layout(ids: Tensor, T: int, S: int, causal: bool, block: tuple[int, int]):
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _layout_from_lengths(lengths: tuple[int, ...], T: int, S: int, causal: bool, block: tuple[int, int]):
-    return _layout(_ids(S, lengths, None), T, S, causal, block)
-
-
-_CACHE = TensorKeyedCache()
-
-
-def layout(T: int, S: int, causal: bool, lengths=None, document_ids=None, block=None, device=None):
-    block = block or block_sizes(device)
-    if lengths is not None:
-        return _layout_from_lengths(tuple(lengths), T, S, causal, block)
-    build = lambda: _layout(_ids(S, None, document_ids), T, S, causal, block)  # noqa: E731
-    return _CACHE.get((T, S, causal, document_ids, block), build)
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    lengths=None,
-    document_ids=None,
-) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, lengths, document_ids, device=q.device)
-    if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
-        raise ValueError(f"document_ids has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
-    return block_sparse_attention(q, k, v, lay, scale=scale)
-
-
-def block_layout(T: int, S: int, *, causal: bool = False, lengths=None, document_ids=None):
-    return layout(T, S, causal, lengths, document_ids)
-
-
 def packed_lengths(T: int, seed: int = 0) -> tuple[int, ...]:
     """A realistic packed-batch mix summing to T: log-normal document lengths around T/8, seeded."""
     rng = random.Random(seed)
@@ -158,7 +122,7 @@ SPEC = Mechanism(
     "document",
     "packed sequences, arXiv 2107.02027; FlashAttention-2 varlen, arXiv 2307.08691",
     Kind.MASK,
-    {"blocksparse": Impl(attention)},
+    {},  # the record's blocksparse
     check_options,
     DEFAULTS,
     example=_example,
@@ -167,5 +131,5 @@ SPEC = Mechanism(
         untrainable="a packing mask: on one unpacked sequence it is dense attention",
     ),
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )

@@ -98,6 +98,11 @@ def _global_mask(T: int, S: int, pool: int) -> Tensor:
     return last_member.view(1, n) <= (torch.arange(T) + S - T).view(T, 1)  # host: dense oracle mask
 
 
+def _grid(shape, kernel_size) -> dict:
+    """The local branch's neighborhood options (``shape`` and ``kernel_size`` already checked)."""
+    return {"shape": shape, "kernel_size": kernel_size, "dilation": (1,) * len(shape)}
+
+
 def _gate(gate, like: Tensor):
     return gate.to(like.dtype) if isinstance(gate, Tensor) else gate
 
@@ -116,9 +121,10 @@ def attention(
     gate=0.5,
 ) -> AttentionOutput:
     if shape is None:
-        local = sliding_window.attention(q, k, v, causal=causal, scale=scale, window=window).out
+        local = sliding_window.SPEC.blocksparse(q, k, v, causal=causal, scale=scale, window=window).out
     else:
-        local = neighborhood.attention(q, k, v, scale=scale, shape=shape, kernel_size=kernel_size).out
+        grid = _grid(shape, kernel_size)
+        local = neighborhood.SPEC.blocksparse(q, k, v, causal=False, scale=scale, **grid).out
     kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)
     if causal:
         lay = _global_layout(q.shape[2], k.shape[2], pool, block_sizes(q.device))
@@ -147,7 +153,7 @@ def oracle(
     if shape is None:
         local_mask = sliding_window.mask(T, S, causal=causal, window=window)
     else:
-        local_mask = neighborhood.mask(T, S, shape=shape, kernel_size=kernel_size)
+        local_mask = neighborhood.mask(T, S, causal=False, **_grid(shape, kernel_size))
     local = _reference.attention(q, k, v, local_mask, scale=scale).out
     kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)
     global_mask = _global_mask(T, S, pool) if causal else None

@@ -11,16 +11,15 @@ to the caller. Non-causal self-attention only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, int_tuple, near_square, nonnegative_int, positive_int
-from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import block_ranges, take
+from attnlab.core import int_tuple, near_square, nonnegative_int, positive_int
+from attnlab.kernels import build_layout
+from attnlab.kernels.layout import block_ranges, cached_layout, take
 from attnlab.kernels.order import TileOrder, tile_sizes
-from attnlab.spec import Impl, Kind, Mechanism, Workloads
+from attnlab.spec import Kind, Mechanism, Workloads
 
 DEFAULTS = {"shape": None, "block_size": 8, "halo": 3}
 
@@ -49,17 +48,16 @@ def _in_halo(q_idx: Tensor, kv_idx: Tensor, shape, b: int, h: int) -> Tensor:
     return (ky >= y0 - h) & (ky < y0 + b + h) & (kx >= x0 - h) & (kx < x0 + b + h)
 
 
-def mask(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 8, halo: int = 3) -> Tensor:
+def mask(T: int, S: int, *, causal: bool, shape, block_size: int, halo: int) -> Tensor:
     """bool [T, S]."""
-    o = check_options(T, S, causal, {"shape": shape, "block_size": block_size, "halo": halo})
     t = torch.arange(T)  # host: dense oracle mask
-    return _in_halo(t.unsqueeze(1), t.unsqueeze(0), o["shape"], o["block_size"], o["halo"])
+    return _in_halo(t.unsqueeze(1), t.unsqueeze(0), shape, block_size, halo)
 
 
-@functools.lru_cache(maxsize=64)
-def layout(shape, b: int, h: int, block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal: bool, block: tuple[int, int], shape, block_size: int, halo: int):
     """Block layout in tile order: halo blocks are the tiles, so a query block is a halo block."""
-    T = shape[0] * shape[1]
+    b, h = block_size, halo
     tiles = TileOrder(shape, tile_sizes(shape, (b, b) if b >= 4 else None))
     order = tiles.order
 
@@ -78,27 +76,6 @@ def layout(shape, b: int, h: int, block: tuple[int, int]):
     return dataclasses.replace(lay, order=order)
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    shape=None,
-    block_size: int = 8,
-    halo: int = 3,
-) -> AttentionOutput:
-    o = check_options(q.shape[2], k.shape[2], causal, {"shape": shape, "block_size": block_size, "halo": halo})
-    lay = layout(o["shape"], o["block_size"], o["halo"], block_sizes(q.device))
-    return block_sparse_attention(q, k, v, lay, scale=scale)
-
-
-def block_layout(T: int, S: int, *, causal: bool = False, shape=None, block_size: int = 8, halo: int = 3):
-    o = check_options(T, S, causal, {"shape": shape, "block_size": block_size, "halo": halo})
-    return layout(o["shape"], o["block_size"], o["halo"], block_sizes())
-
-
 def _example(S: int) -> dict:
     for blk in (4, 3, 2):
         for a in range(blk, S + 1, blk):
@@ -111,7 +88,7 @@ SPEC = Mechanism(
     "halo",
     "HaloNet, arXiv 2103.12731",
     Kind.MASK,
-    {"blocksparse": Impl(attention)},
+    {},  # the record's blocksparse
     check_options,
     DEFAULTS,
     patterns=frozenset({"self"}),
@@ -121,5 +98,5 @@ SPEC = Mechanism(
         untrainable="serves non-causal self attention over a 2-D grid only",
     ),
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )

@@ -19,7 +19,6 @@ of O(S). Pooled keys carry no log(count) logit bonus: a block counts as one key.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor
 from attnlab import reference as _reference
 from attnlab.core import AttentionOutput, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import query_positions
+from attnlab.kernels.layout import cached_layout, query_positions
 from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"window": 128, "pools": (8, 64)}
@@ -105,8 +104,9 @@ def _mask_mod(T: int, S: int, causal: bool, window: int, pools):
     return multiscale
 
 
-@functools.lru_cache(maxsize=64)
-def layout(T: int, S: int, causal: bool, window: int, pools: tuple[int, ...], block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal: bool, block: tuple[int, int], window: int, pools: tuple[int, ...]):
+    """The layout over the raw-then-pooled key axis (a pooled key counts as one key)."""
     levels = _offsets(S, pools)
     total = levels[-1] + math.ceil(S / pools[-1])
     first, last = query_positions(T, S, block[0])
@@ -119,12 +119,7 @@ def layout(T: int, S: int, causal: bool, window: int, pools: tuple[int, ...], bl
     return build_layout(_mask_mod(T, S, causal, window, pools), T, total, key_ranges=ranges, block=block)
 
 
-def block_layout(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 64)):
-    """The layout over the raw-then-pooled key axis (a pooled key counts as one key)."""
-    return layout(T, S, causal, window, tuple(pools), block_sizes())
-
-
-def mask(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 64)) -> Tensor:
+def mask(T: int, S: int, *, causal: bool, window: int, pools: tuple[int, ...]) -> Tensor:
     """bool [T, S + sum_l ceil(S / f_l)] over the raw-then-pooled key axis, written per token: find
     each key's coarsest far level directly."""
     reach = [window] + [window * f for f in pools]
@@ -145,23 +140,18 @@ def mask(T: int, S: int, *, causal: bool = False, window: int = 128, pools=(8, 6
     return torch.cat(parts, dim=1) & (p >= 0)
 
 
-def oracle(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale=None, window=128, pools=(8, 64)):
+def oracle(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale=None, window: int, pools: tuple[int, ...]):
     """Dense attention over the raw-then-pooled keys under ``mask``."""
     m = mask(q.shape[2], k.shape[2], causal=causal, window=window, pools=pools)
     return _reference.attention(q, pool_levels(k, pools), pool_levels(v, pools), m.to(q.device), scale=scale)
 
 
 def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    window: int = 128,
-    pools=(8, 64),
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None, window: int, pools: tuple[int, ...]
 ) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, window, tuple(pools), block_sizes(q.device))
+    """The executor over the raw keys and their pooled levels, under ``layout``."""
+    block = block_sizes(q.device)
+    lay = layout(q.shape[2], k.shape[2], causal=causal, block=block, device=q.device, window=window, pools=pools)
     return block_sparse_attention(q, pool_levels(k, pools), pool_levels(v, pools), lay, scale=scale)
 
 
@@ -175,6 +165,6 @@ SPEC = Mechanism(
     example=lambda S: {"window": 3, "pools": (2, 4)},
     workloads=Workloads(quality=lambda L: {"window": L // 8, "pools": (4, 16)}, reach="window"),
     mask=mask,
-    layout=block_layout,
+    layout=layout,
     oracle=oracle,
 )

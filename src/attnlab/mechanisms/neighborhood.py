@@ -17,17 +17,16 @@ per-axis windows. ``causal`` may be one bool or one per axis.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, int_tuple, near_square
-from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import block_ranges, take
+from attnlab.core import int_tuple, near_square
+from attnlab.kernels import build_layout
+from attnlab.kernels.layout import block_ranges, cached_layout, take
 from attnlab.kernels.order import TileOrder, tile_sizes
-from attnlab.spec import Impl, Kind, Mechanism, Workloads
+from attnlab.spec import Kind, Mechanism, Workloads
 
 DEFAULTS = {"shape": None, "kernel_size": 7, "dilation": 1}
 
@@ -87,12 +86,11 @@ def _neighbors(q_idx: Tensor, kv_idx: Tensor, shape, kernel, dilation, causal_ax
     return allowed
 
 
-def mask(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1) -> Tensor:
-    """bool [T, S]."""
-    o = check_options(T, S, causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
+def mask(T: int, S: int, *, causal, shape, kernel_size, dilation) -> Tensor:
+    """bool [T, S]; options as ``check_options`` returns them (per-axis tuples)."""
     t = torch.arange(T)  # host: dense oracle mask
-    axes = _causal_axes(causal, len(o["shape"]))
-    return _neighbors(t.unsqueeze(1), t.unsqueeze(0), o["shape"], o["kernel_size"], o["dilation"], axes)
+    axes = _causal_axes(causal, len(shape))
+    return _neighbors(t.unsqueeze(1), t.unsqueeze(0), shape, kernel_size, dilation, axes)
 
 
 def _predicate(order: Tensor | None, shape, kernel, dilation, causal_axes):
@@ -106,10 +104,10 @@ def _predicate(order: Tensor | None, shape, kernel, dilation, causal_axes):
     return neighborhood
 
 
-@functools.lru_cache(maxsize=64)
-def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal, block: tuple[int, int], shape, kernel_size, dilation):
     """Block layout in tile order for 2-D/3-D grids (``BlockLayout.order``), row-major for 1-D."""
-    T = math.prod(shape)
+    kernel, causal_axes = kernel_size, _causal_axes(causal, len(shape))
     tiles = TileOrder(shape, tile_sizes(shape)) if len(shape) > 1 else None
     order = tiles.order if tiles is not None else None
     neighborhood = _predicate(order, shape, kernel, dilation, causal_axes)
@@ -131,22 +129,6 @@ def layout(shape, kernel, dilation, causal_axes, block: tuple[int, int]):
     return dataclasses.replace(lay, order=tiles.order) if tiles is not None else lay
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale: float | None = None, shape=None, kernel_size=7, dilation=1
-) -> AttentionOutput:
-    o = check_options(
-        q.shape[2], k.shape[2], causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation}
-    )
-    axes = _causal_axes(causal, len(o["shape"]))
-    lay = layout(o["shape"], o["kernel_size"], o["dilation"], axes, block_sizes(q.device))
-    return block_sparse_attention(q, k, v, lay, scale=scale)
-
-
-def block_layout(T: int, S: int, *, causal=False, shape=None, kernel_size=7, dilation=1):
-    o = check_options(T, S, causal, {"shape": shape, "kernel_size": kernel_size, "dilation": dilation})
-    return layout(o["shape"], o["kernel_size"], o["dilation"], _causal_axes(causal, len(o["shape"])), block_sizes())
-
-
 def _example(S: int) -> dict:
     a, b = near_square(S)
     if a >= 3:
@@ -158,7 +140,7 @@ SPEC = Mechanism(
     "neighborhood",
     "NAT, arXiv 2204.07143; DiNAT, arXiv 2209.15001; NATTEN, arXiv 2403.04690",
     Kind.MASK,
-    {"blocksparse": Impl(attention)},
+    {},  # the record's blocksparse
     check_options,
     DEFAULTS,
     patterns=frozenset({"self", "self_causal"}),
@@ -170,5 +152,5 @@ SPEC = Mechanism(
     ),
     axis_causal=True,
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )

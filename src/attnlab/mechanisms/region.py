@@ -18,10 +18,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, near_square
-from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import TensorKeyedCache, query_positions, take
-from attnlab.spec import Impl, Kind, Mechanism, Workloads
+from attnlab.core import near_square
+from attnlab.kernels import build_layout
+from attnlab.kernels.layout import cached_layout, query_positions, take
+from attnlab.spec import Kind, Mechanism, Workloads
 
 DEFAULTS = {"groups": None, "rules": None}
 
@@ -53,26 +53,19 @@ def _ids(groups: Tensor) -> Tensor:
     return g.unsqueeze(0) if g.dim() == 1 else g  # [Bl, S]
 
 
-def mask(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor) -> Tensor:
-    """bool [T, S], or [B, 1, T, S] for per-batch groups."""
+def mask(T: int, S: int, *, causal: bool, groups: Tensor, rules: Tensor) -> Tensor:
+    """bool [Bl, 1, T, S]: Bl = B for per-batch groups, else 1."""
     ids = _ids(groups)
     p = torch.arange(T) + (S - T)  # host: dense oracle mask
     q_group = ids[:, p.clamp(min=0)]  # [Bl, T]
     allowed = rules.cpu()[q_group.unsqueeze(2), ids.unsqueeze(1)] & (p >= 0).view(1, T, 1)
     if causal:
         allowed = allowed & (torch.arange(S).view(1, 1, S) <= p.view(1, T, 1))  # host: dense oracle mask
-    return allowed[0] if allowed.shape[0] == 1 else allowed.unsqueeze(1)
+    return allowed.unsqueeze(1)
 
 
-_CACHE = TensorKeyedCache()
-
-
-def layout(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block=None, device=None):
-    block = block or block_sizes(device)
-    return _CACHE.get((T, S, causal, groups, rules, block), lambda: _build(T, S, causal, groups, rules, block))
-
-
-def _build(T: int, S: int, causal: bool, groups: Tensor, rules: Tensor, block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal: bool, block: tuple[int, int], groups: Tensor, rules: Tensor):
     """The block layout. Non-causal self-attention with batch-shared groups runs with the tokens
     sorted by group (``BlockLayout.order``): every allowed (group, group) pair becomes a contiguous
     rectangle of mostly full blocks, however scattered the regions are in the image."""
@@ -120,19 +113,6 @@ def _layout(T: int, S: int, causal: bool, ids: Tensor, table: Tensor, block: tup
     return build_layout(mod, T, S, key_ranges=ranges, batch=ids.shape[0], block=block, rebind=rebind)
 
 
-def block_layout(T: int, S: int, *, causal: bool = False, groups: Tensor, rules: Tensor):
-    return layout(T, S, causal, groups, rules)
-
-
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, groups: Tensor, rules: Tensor
-) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, groups, rules, device=q.device)
-    if lay.kv_blocks.shape[0] not in (1, q.shape[0]):
-        raise ValueError(f"groups has batch {lay.kv_blocks.shape[0]} but q has batch {q.shape[0]}")
-    return block_sparse_attention(q, k, v, lay, scale=scale)
-
-
 def _example(S: int) -> dict:
     """Text (group 0) sees everything; two subjects (1, 2) see themselves and the text."""
     groups = (torch.arange(S) * 3 // max(S, 1)).clamp(max=2)  # host: example option
@@ -162,7 +142,7 @@ SPEC = Mechanism(
     "region",
     "layout-guided masks: AnyMS, MODA (multi-subject / layout-to-image attention control)",
     Kind.MASK,
-    {"blocksparse": Impl(attention)},
+    {},  # the record's blocksparse
     check_options,
     DEFAULTS,
     example=_example,
@@ -170,5 +150,5 @@ SPEC = Mechanism(
         efficiency=layout_to_image, untrainable="needs per-token layout groups (layout-to-image control)"
     ),
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )

@@ -8,15 +8,13 @@ never sees a sink that lies after it.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, nonnegative_int, positive_int
-from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
-from attnlab.kernels.layout import query_positions
-from attnlab.spec import Impl, Kind, Mechanism, Workloads
+from attnlab.core import nonnegative_int, positive_int
+from attnlab.kernels import build_layout
+from attnlab.kernels.layout import cached_layout, query_positions
+from attnlab.spec import Kind, Mechanism, Workloads
 
 DEFAULTS = {"sinks": 4, "window": 512}
 
@@ -25,7 +23,7 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     return {"sinks": nonnegative_int("sinks", opts["sinks"]), "window": positive_int("window", opts["window"])}
 
 
-def mask(T: int, S: int, *, causal: bool = False, sinks: int = 4, window: int = 512) -> Tensor:
+def mask(T: int, S: int, *, causal: bool, sinks: int, window: int) -> Tensor:
     """bool [T, S]."""
     p = torch.arange(T).unsqueeze(1) + (S - T)  # host: dense oracle mask
     j = torch.arange(S).unsqueeze(0)  # host: dense oracle mask
@@ -46,8 +44,8 @@ def _mask_mod(offset: int, causal: bool, sinks: int, window: int):
     return streaming
 
 
-@functools.lru_cache(maxsize=64)
-def layout(T: int, S: int, causal: bool, sinks: int, window: int, block: tuple[int, int]):
+@cached_layout
+def layout(T: int, S: int, *, causal: bool, block: tuple[int, int], sinks: int, window: int):
     first, last = query_positions(T, S, block[0])
     lo = first - (window - 1 if causal else window // 2)
     hi = last + 1 + (0 if causal else window // 2)
@@ -56,29 +54,11 @@ def layout(T: int, S: int, causal: bool, sinks: int, window: int, block: tuple[i
     return build_layout(_mask_mod(S - T, causal, sinks, window), T, S, key_ranges=ranges, block=block)
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    sinks: int = 4,
-    window: int = 512,
-) -> AttentionOutput:
-    lay = layout(q.shape[2], k.shape[2], causal, sinks, window, block_sizes(q.device))
-    return block_sparse_attention(q, k, v, lay, scale=scale)
-
-
-def block_layout(T: int, S: int, *, causal: bool = False, sinks: int = 4, window: int = 512):
-    return layout(T, S, causal, sinks, window, block_sizes())
-
-
 SPEC = Mechanism(
     "streaming",
     "StreamingLLM, arXiv 2309.17453",
     Kind.MASK,
-    {"blocksparse": Impl(attention)},
+    {},  # the record's blocksparse
     check_options,
     DEFAULTS,
     example=lambda S: {"sinks": 2, "window": 4},
@@ -88,5 +68,5 @@ SPEC = Mechanism(
         reach="window",
     ),
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )

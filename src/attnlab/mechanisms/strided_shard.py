@@ -17,16 +17,14 @@ everything (an ambiguity resolved in favour of the coverage property).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
-from attnlab.core import AttentionOutput, nonnegative_int, positive_int
-from attnlab.kernels import block_sparse_attention
-from attnlab.kernels.layout import causal_blocks, layout_from_blocks, query_positions
-from attnlab.spec import Impl, Kind, Mechanism, Workloads
+from attnlab.core import nonnegative_int, positive_int
+from attnlab.kernels.layout import cached_layout, causal_blocks, layout_from_blocks, query_positions
+from attnlab.spec import Kind, Mechanism, Workloads
 
 DEFAULTS = {"block_size": 64, "local_blocks": 4, "vert_stride": 4, "head_step": None, "dense_heads": 0}
 
@@ -44,7 +42,10 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
     return out
 
 
-def _head_step(head_step: int | None, vert_stride: int, kv_heads: int) -> int:
+def _head_step(head_step: int | None, vert_stride: int, kv_heads: int, dense_heads: int) -> int:
+    """The stripe shift between heads; also where the kv head count is first known, so it is checked here."""
+    if dense_heads > kv_heads:
+        raise ValueError(f"dense_heads must be <= the kv heads {kv_heads}, got {dense_heads}")
     return max(1, vert_stride // kv_heads) if head_step is None else head_step
 
 
@@ -67,19 +68,10 @@ def _mask_mod(T, S, causal, block_size, local_blocks, vert_stride, step, first_d
 
 
 def mask(
-    T: int,
-    S: int,
-    *,
-    causal: bool = False,
-    kv_heads: int = 1,
-    block_size=64,
-    local_blocks=4,
-    vert_stride=4,
-    head_step=None,
-    dense_heads=0,
+    T: int, S: int, *, causal: bool, kv_heads: int, block_size, local_blocks, vert_stride, head_step, dense_heads
 ) -> Tensor:
-    """bool [kv_heads, T, S]: one pattern per kv head (query heads of a group share it)."""
-    step = _head_step(head_step, vert_stride, kv_heads)
+    """bool [1, kv_heads, T, S]: one pattern per kv head (query heads of a group share it)."""
+    step = _head_step(head_step, vert_stride, kv_heads, dense_heads)
     p = (torch.arange(T) + S - T).view(1, T, 1)  # host: dense oracle mask
     j = torch.arange(S).view(1, 1, S)  # host: dense oracle mask
     h = torch.arange(kv_heads).view(-1, 1, 1)  # host: dense oracle mask
@@ -87,14 +79,16 @@ def mask(
         p // block_size, j // block_size, h, h >= kv_heads - dense_heads, causal, local_blocks, vert_stride, step
     )
     keep = keep & (p >= 0)
-    return keep & (j <= p) if causal else keep
+    return (keep & (j <= p) if causal else keep).unsqueeze(0)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_layout
 def layout(
     T: int,
     S: int,
+    *,
     causal: bool,
+    block: tuple[int, int],
     kv_heads: int,
     block_size: int,
     local_blocks: int,
@@ -102,9 +96,10 @@ def layout(
     head_step: int | None,
     dense_heads: int,
 ):
-    """The per-kv-head block layout [1, kv_heads, nQB, V], decided at block level (block = block_size)."""
+    """The per-kv-head block layout [1, kv_heads, nQB, V], decided at block level: its tiles are
+    ``block_size`` (the pattern's own blocks), whatever the device's ``block``."""
     beta = block_size
-    step = _head_step(head_step, vert_stride, kv_heads)
+    step = _head_step(head_step, vert_stride, kv_heads, dense_heads)
     nKB = math.ceil(S / beta)
     p0, p1 = query_positions(T, S, beta)
     # A query block spans position blocks I0..I1 (two when S - T is not a multiple of beta).
@@ -119,52 +114,16 @@ def layout(
     return layout_from_blocks(visited.unsqueeze(0), full.unsqueeze(0), T, S, (beta, beta), mod)
 
 
-def block_layout(
-    T: int,
-    S: int,
-    *,
-    causal: bool = False,
-    kv_heads: int = 1,
-    block_size=64,
-    local_blocks=4,
-    vert_stride=4,
-    head_step=None,
-    dense_heads=0,
-):
-    return layout(T, S, causal, kv_heads, block_size, local_blocks, vert_stride, head_step, dense_heads)
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    block_size=64,
-    local_blocks=4,
-    vert_stride=4,
-    head_step=None,
-    dense_heads=0,
-) -> AttentionOutput:
-    if dense_heads > k.shape[1]:
-        raise ValueError(f"dense_heads must be <= the kv heads {k.shape[1]}, got {dense_heads}")
-    lay = layout(
-        q.shape[2], k.shape[2], causal, k.shape[1], block_size, local_blocks, vert_stride, head_step, dense_heads
-    )
-    return block_sparse_attention(q, k, v, lay, scale=scale)
-
-
 SPEC = Mechanism(
     "strided_shard",
     "S2-Attention, arXiv 2407.17678",
     Kind.MASK,
-    {"blocksparse": Impl(attention)},
+    {},  # the record's blocksparse
     check_options,
     DEFAULTS,
     example=lambda S: {"block_size": 4, "local_blocks": 2, "vert_stride": 3},
     workloads=Workloads(quality=lambda L: {"block_size": max(1, L // 16), "local_blocks": 2, "vert_stride": 4}),
     per_kv_head=True,
     mask=mask,
-    layout=block_layout,
+    layout=layout,
 )

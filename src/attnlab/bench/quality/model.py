@@ -151,10 +151,7 @@ def static_mask(name: str, seq_len: int, options: dict) -> Tensor | None:
     mech = registry.get(name)
     if mech.kind is not Kind.MASK:
         return None
-    m = registry.mask(name, seq_len, seq_len, causal=True, **options)
-    while m.dim() > 2:  # [Hkv, L, L] or [B, 1, L, L] -> [L, L]
-        m = m.any(0) if m.shape[0] > 1 else m[0]
-    return m
+    return mech.dense_mask(seq_len, seq_len, causal=True, **options).flatten(0, 1).any(0)  # [B|1, Hkv|1, L, L]
 
 
 def state_bytes(name: str, seq_len: int, dim: int, heads: int, options: dict) -> int:
