@@ -34,6 +34,7 @@ def _row(name, T, ms, vs, causal=True, mode="fwd", **kw):
         "density": kw.get("density", 0.1),
         "peak_mib": kw.get("peak", 1.0 * T / 1000),
         "sdpa_peak_mib": kw.get("sdpa_peak", 2.0 * T / 1000),
+        "baseline": kw.get("baseline", False),
     }
 
 
@@ -42,8 +43,8 @@ def test_efficiency_lengths_from_rows():
     for T in (1000, 2000, 4000):
         dense_ms = 1e-6 * T * T
         rows.append(_row("w", T, 2e-3 * T, dense_ms / (2e-3 * T)))
-        rows.append(_row("dense", T, dense_ms, 1.0))
-    (c,) = analysis.efficiency_lengths(rows)
+        rows.append(_row("sdpa_itself", T, dense_ms, 1.0, baseline=True))
+    (c,) = analysis.efficiency_lengths(rows)  # the baseline's own rows have no crossing
     assert c.mechanism == "w" and c.time_T == pytest.approx(2000, rel=1e-6) and c.in_range(c.time_T)
     assert c.memory_T == pytest.approx(0.0, abs=1e-6)  # half of SDPA's memory at every length
     assert c.exponent == pytest.approx(1.0, abs=1e-9)  # 2e-3 T: linear
@@ -85,7 +86,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
-    from attnlab.bench.patterns import PATTERNS
+    from attnlab.bench.workloads import PATTERNS
 
     assert cli.main(["bench", "--patterns", "all", "--lengths", "128", "--modes", "fwd", "--out", str(tmp_path)]) == 0
     (run,) = tmp_path.iterdir()
@@ -116,7 +117,7 @@ def test_probes_time_a_call_and_see_its_memory():
 
 
 def test_kernel_ceiling_rows_describe_the_same_work():
-    from attnlab.bench import ceiling
+    from attnlab.bench.figures import ceiling
 
     rows = ceiling.ceiling(T=256, keys=64, heads=2, dim=16, rows=(32, 64), repeats=1)
     assert [r["rows"] for r in rows] == [32, 64] and [r["tiles"] for r in rows] == [16, 8]
