@@ -76,6 +76,13 @@ def test_compare_flags_a_regression_and_cli_exit_codes(tmp_path, capsys):
     assert cli.main(["bench", "--compare", str(a), str(a)]) == 0
     assert cli.main(["bench", "--compare", str(a), str(tmp_path / "missing")]) == 2
     assert "no results.json" in capsys.readouterr().err
+    assert cli.main(["bench", "compare", str(a), str(b)]) == 1  # the subcommand, same exit codes
+    assert cli.main(["bench", "compare", str(a), str(a)]) == 0
+    assert cli.main(["bench", "compare", str(a), str(tmp_path / "missing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    lone = _write(tmp_path, "lone", [_row("y", 1024, 10.0, 2.0)])
+    assert cli.main(["bench", "compare", str(a), str(lone)]) == 2
+    assert capsys.readouterr().err.startswith("attnlab bench: error: no timed configuration is common")
 
 
 def test_plots_are_written(tmp_path):
@@ -83,6 +90,15 @@ def test_plots_are_written(tmp_path):
     paths = plots.write(rows, tmp_path)
     assert [p.name for p in paths] == ["latency_fwd.png", "speedup_vs_density.png", "memory.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_plots_without_matplotlib_raise_a_specific_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(plots.PlotsUnavailable, match="matplotlib is not installed"):
+        plots.write([_row("w", 1000, 1.0, 2.0)], tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
