@@ -301,3 +301,13 @@ def test_the_sdpa_baseline_comes_from_the_records():
 
     assert [m.name for m in registry.MECHANISMS if is_sdpa_baseline(m)] == ["dense"]
     assert next(iter(registry.get("moh").impls)) == "sdpa" and not is_sdpa_baseline(registry.get("moh"))
+
+
+def test_a_baseline_that_cannot_run_leaves_its_reason_in_the_row(monkeypatch, tmp_path):
+    _gate(monkeypatch, {"sliding_window": []})
+    args = ["bench", "efficiency", "--mechanisms", "sliding_window", "--lengths", "64", "--modes", "fwd+bwd"]
+    assert cli.main([*args, "--masks", "causal", "--flex", "sliding_window", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    (row,) = json.loads((run / "results.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["median_ms"] > 0 and row["vs_flex"] is None
+    assert "flex: forward only on the CPU" in row["note"]
