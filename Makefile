@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(VENV)/bin/attnlab bench
+	$(VENV)/bin/attnlab bench efficiency
 
 check: $(STAMP)
 	$(VENV)/bin/attnlab check

@@ -1,19 +1,19 @@
-"""attnlab command line: ``list``, ``check`` and ``bench``."""
+"""attnlab command line: ``list``, ``check`` and ``bench efficiency | quality | compare``.
+
+Exit status everywhere: 0 all good, 1 a mechanism or row failed (or a regression / leak was found),
+2 bad input (one line on stderr, before any work), 130 interrupted (what was measured is written).
+The older spellings ``attnlab bench [--suite efficiency|quality] ...`` and ``attnlab bench --compare
+A B`` map onto the subcommands (``bench.commands.legacy_bench``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from attnlab import registry
-from attnlab.bench.patterns import PATTERNS
-from attnlab.bench.quality.policies import POLICIES
+from attnlab.bench.commands import DTYPES, NO_CUDA, BadInput, Parser, add_bench, device_of, legacy_bench, misplaced
 
 
 def cmd_list(args) -> int:
@@ -23,10 +23,6 @@ def cmd_list(args) -> int:
         print(f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {patterns}")
         print(f"  defaults: {defaults}\n  paper:    {m.paper}")
     return 0
-
-
-NO_CUDA = "--device cuda was asked for, but this torch build sees no CUDA device"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 def _check_dtypes(args, device: torch.device) -> tuple[torch.dtype, ...]:
@@ -53,9 +49,8 @@ def cmd_check(args) -> int:
     from attnlab.testing import run_contract
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"attnlab check: error: {NO_CUDA}", file=sys.stderr)
-        return 2
-    device = _device(args)
+        raise BadInput(NO_CUDA)
+    device = device_of(args)
     dtypes = _check_dtypes(args, device)
     names = list(dict.fromkeys(args.names + (args.mechanisms or []))) or registry.mechanisms()
     shown = " ".join(str(d).removeprefix("torch.") for d in dtypes)
@@ -80,204 +75,9 @@ def cmd_check(args) -> int:
     return 130 if len(reports) < len(names) else 1 if failed else 0
 
 
-def cmd_compare(a: str, b: str) -> int:
-    from attnlab.bench import analysis
-
-    try:
-        rows = analysis.compare(analysis.load(a), analysis.load(b))
-    except (ValueError, KeyError, OSError) as e:
-        print(f"attnlab: cannot compare {a} and {b}: {e}", file=sys.stderr)
-        return 2
-    if not rows:
-        print(f"attnlab: no timed configuration is common to {a} and {b}", file=sys.stderr)
-        return 2
-    print(f"{'mechanism':22} {'T':>6} {'mask':6} {'mode':8} {'time B/A':>9} {'xSDPA B/A':>10}")
-    for r in rows:
-        sp = "-" if r["speedup_ratio"] is None else f"{r['speedup_ratio']:.2f}"
-        flag = "  REGRESSION" if r["regressed"] else ""
-        mask = "causal" if r["causal"] else "full"
-        print(f"{r['mechanism']:22} {r['T']:>6} {mask:6} {r['mode']:8} {r['time_ratio']:>9.2f} {sp:>10}{flag}")
-    return 1 if any(r["regressed"] for r in rows) else 0
-
-
-def _efficiency_lengths(dict_rows: list[dict]) -> None:
-    from attnlab.bench import analysis
-
-    found = analysis.efficiency_lengths(dict_rows)
-    if not found:
-        return
-    print(
-        "efficiency length (CAB): T above which the mechanism beats SDPA (quadratic vs linear fit);"
-        " time ~ T^k: the log-log slope over the measured lengths"
-    )
-    for c in found:
-        cells = []
-        for what, T in (("time", c.time_T), ("memory", c.memory_T)):
-            where = "never in fit" if T is None else f"{T:,.0f}" + ("" if c.in_range(T) else " (extrapolated)")
-            cells.append(f"{what} {where}")
-        if c.exponent is not None:
-            cells.append(f"time ~ T^{c.exponent:.2f} ({min(c.lengths):,}-{max(c.lengths):,})")
-        print(f"  {c.mechanism:22} {'causal' if c.causal else 'full':6} {c.mode:8} " + " · ".join(cells))
-
-
-def _bench_input_problem(args) -> str | None:
-    """What is wrong with the command line, found before any minute is spent benchmarking."""
-    if args.lengths is not None and any(n <= 0 for n in args.lengths):
-        return f"--lengths must be positive, got {args.lengths}"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return NO_CUDA
-    unknown = [n for n in args.flex or () if n != "all" and n not in registry.mechanisms()]
-    if unknown:
-        return f"--flex takes mechanism names or 'all', got {unknown}"
-    if args.policies is not None and args.suite != "quality":
-        return "--policies applies to the quality suite (--suite quality)"
-    return _writable(args.out)
-
-
-def _device(args) -> torch.device:
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
-
-
-def _patterns(args) -> tuple[str, ...]:
-    """LongCA-bench patterns to sweep: as asked; by default all of them in the full preset."""
-    if args.patterns is None:
-        return tuple(PATTERNS) if args.preset == "full" and not args.mechanisms else ()
-    return tuple(PATTERNS) if "all" in args.patterns else tuple(args.patterns)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad input: one line on stderr and exit status 2, no usage block and no traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _writable(out: str) -> str | None:
-    """None when results can be written under ``out``, else why not (checked before any work)."""
-    try:
-        path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-        return None
-    except OSError as e:
-        return f"cannot write results to --out {out!r}: {e.strerror or e}"
-
-
-@contextmanager
-def _progress(timed: bool = False):
-    """A transient rich progress bar (with elapsed and remaining time when ``timed``), or None
-    without rich. Only the import is guarded: an ImportError from the work itself propagates."""
-    try:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    except ImportError:
-        yield None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*(columns if timed else ()), transient=True) as progress:
-        yield progress
-
-
-def cmd_quality(args) -> int:
-    from attnlab.bench import report
-    from attnlab.bench.quality import mechanisms, policies, suite
-    from attnlab.bench.quality import report as qreport
-
-    only_policies = args.policies is not None and not args.mechanisms
-    names, notes = ([], []) if only_policies else mechanisms.select(args.mechanisms, args.preset)
-    pols = policies.select(args.policies, args.preset, bool(args.mechanisms))
-    device = _device(args)
-    info = report.banner(device)
-    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
-    tasks = args.tasks or list(suite.PRESETS[args.preset].tasks)
-    t0 = time.perf_counter()
-    try:
-        with _progress(timed=True) as progress:
-            rows, more = suite.run(
-                names, args.preset, tasks, smoke=args.smoke, progress=progress, device=device, policies=pols
-            )
-    except suite.NothingToTrain as e:
-        print(f"attnlab bench: error: {e}", file=sys.stderr)
-        return 2
-    notes += more
-    wall = time.perf_counter() - t0
-    meta = {
-        "suite": "quality", "preset": args.preset, "tasks": tasks, "mechanisms": names, "policies": pols,
-        "wall_s": wall,
-    }  # fmt: skip
-    out = qreport.write(rows, notes, info, meta, args.out)
-    qreport.table(rows, notes, info)
-    print(qreport.plot(rows, out))
-    print(f"wrote {out}/quality.json ({len(rows)} rows, {wall:.0f} s)")
-    return 1 if any(r["leak"] for r in rows) else 0
-
-
-def cmd_bench(args) -> int:
-    from attnlab.bench import baselines, efficiency, plots, report
-
-    if args.compare:
-        return cmd_compare(*args.compare)
-
-    problem = _bench_input_problem(args)
-    if problem:
-        print(f"attnlab bench: error: {problem}", file=sys.stderr)
-        return 2
-    if args.suite == "quality":
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return cmd_quality(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    device = _device(args)
-    info = report.banner(device)
-    print(f"machine: {info['cpu']} · {info['threads']} threads · torch {info['torch']} · device {info['device']}")
-    print("correctness gate: the contract on small shapes for every mechanism (no speed for a failure)")
-    kwargs = dict(
-        preset=args.preset,
-        lengths=tuple(args.lengths) if args.lengths else None,
-        modes=tuple(args.modes),
-        dtype=dtype,
-        flex=tuple(args.flex) if args.flex is not None else None,
-        causal=tuple(m == "causal" for m in args.masks),
-        patterns=_patterns(args),
-        device=device,
-        gate_device="cpu" if args.gate == "cpu" else device,
-    )
-    names = [] if args.patterns and not args.mechanisms else args.mechanisms  # patterns alone: only patterns
-    interrupted = None
-    try:
-        with _progress() as progress:
-            rows, gate = efficiency.run(names, progress=progress, **kwargs)
-    except efficiency.Interrupted as e:  # write what was measured; the exit status says it is partial
-        interrupted, rows, gate = str(e), e.rows, e.failures
-        info["interrupted"] = interrupted
-    dict_rows = efficiency.rows_as_dicts(rows)
-    if any(r["mechanism"] in baselines.FLA_MECHANISMS for r in dict_rows) and baselines.fla_status(device):
-        info["notes"] = [baselines.fla_status(device)]
-    report.table(dict_rows, info)
-    print(efficiency.FLOP_RULE)
-    info["flop_rule"] = efficiency.FLOP_RULE
-    _efficiency_lengths(dict_rows)
-    out = report.write(dict_rows, info, gate, args.out)
-    drawn = plots.write(dict_rows, out)
-    print(f"wrote {out}/results.json and results.csv" + ("" if isinstance(drawn, str) else f" and {len(drawn)} plots"))
-    if isinstance(drawn, str):
-        print(drawn)
-    failed = [r for r in dict_rows if r["status"] == "error"]
-    if failed:
-        print(f"{len(failed)} of {len(dict_rows)} rows failed (ERROR lines above); exit status 1")
-    if interrupted:
-        print(f"attnlab bench: {interrupted}; the results above are partial (exit status 130)")
-        return 130
-    return 1 if failed or any(gate.values()) else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="attnlab", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _parser() -> tuple[Parser, dict[str, argparse.ArgumentParser]]:
+    p = Parser(prog="attnlab", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers").set_defaults(fn=cmd_list)
     c = sub.add_parser(
         "check",
@@ -289,57 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: fp32 bf16, and fp64 on the CPU")
     c.add_argument("-v", "--verbose", action="store_true", help="every failing case, not only the first")
     c.set_defaults(fn=cmd_check)
-    b = sub.add_parser(
-        "bench",
-        help="correctness gate, then timings against SDPA, Flex and fla (exit 1 when a row failed, 2 bad input)",
-    )
-    b.add_argument("--suite", choices=["efficiency", "quality"], default="efficiency")
-    b.add_argument("--preset", choices=["quick", "full"], default="quick")
-    b.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
-    b.add_argument("--lengths", nargs="+", type=int)
-    b.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
-    b.add_argument("--masks", nargs="+", choices=["full", "causal"], default=["full", "causal"])
-    b.add_argument("--dtype", choices=["fp32", "bf16", "fp64"], default="fp32")
-    b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
-    b.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="cpu",
-        help="where to time and train (auto: CUDA when present); CUDA timing uses CUDA events",
-    )
-    b.add_argument(
-        "--flex",
-        nargs="*",
-        default=None,
-        help="mechanisms to time against compiled Flex, or 'all' (default: all on CUDA, none on the CPU)",
-    )
-    b.add_argument(
-        "--gate",
-        choices=["device", "cpu"],
-        default="device",
-        help="where the correctness gate runs the contract (default: the benchmark's device)",
-    )
-    b.add_argument(
-        "--patterns",
-        nargs="*",
-        default=None,
-        choices=["all", *PATTERNS],
-        help="LongCA-bench mask patterns to sweep",
-    )
-    b.add_argument("--out", default="results")
-    b.add_argument("--compare", nargs=2, metavar=("A", "B"), help="ratios between two result folders; runs nothing")
-    b.add_argument("--tasks", nargs="+", choices=["T1", "T2", "T3", "T4", "T5", "T6", "ICL"], help="quality suite")
-    b.add_argument("--smoke", action="store_true", help="quality suite: tiny data, one epoch (tests)")
-    b.add_argument(
-        "--policies", nargs="+", choices=list(POLICIES), help="quality suite: layer policies (default: all in full)"
-    )
-    b.set_defaults(fn=cmd_bench)
-    args = p.parse_args(argv)
-    if args.cmd == "check":
-        bad = [m for m in args.names if m not in registry.mechanisms()]
-        if bad:
-            p.error(f"unknown mechanism(s) {bad}; valid: {', '.join(registry.mechanisms())}")
-    return args.fn(args)
+    return p, add_bench(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        argv = ["bench", *legacy_bench(argv[1:])]
+    p, suites = _parser()
+    args, extra = p.parse_known_args(argv)
+    try:
+        if extra:
+            misplaced(p, suites, args, extra)
+        if args.cmd == "check":
+            bad = [m for m in args.names if m not in registry.mechanisms()]
+            if bad:
+                p.error(f"unknown mechanism(s) {bad}; valid: {', '.join(registry.mechanisms())}")
+        return args.fn(args)
+    except BadInput as e:
+        print(f"attnlab {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def _row(name, T, ms, vs, causal=True, mode="fwd", **kw):
         "density": kw.get("density", 0.1),
         "peak_mib": kw.get("peak", 1.0 * T / 1000),
         "sdpa_peak_mib": kw.get("sdpa_peak", 2.0 * T / 1000),
+        "baseline": kw.get("baseline", False),
     }
 
 
@@ -42,8 +43,8 @@ def test_efficiency_lengths_from_rows():
     for T in (1000, 2000, 4000):
         dense_ms = 1e-6 * T * T
         rows.append(_row("w", T, 2e-3 * T, dense_ms / (2e-3 * T)))
-        rows.append(_row("dense", T, dense_ms, 1.0))
-    (c,) = analysis.efficiency_lengths(rows)
+        rows.append(_row("sdpa_itself", T, dense_ms, 1.0, baseline=True))
+    (c,) = analysis.efficiency_lengths(rows)  # the baseline's own rows have no crossing
     assert c.mechanism == "w" and c.time_T == pytest.approx(2000, rel=1e-6) and c.in_range(c.time_T)
     assert c.memory_T == pytest.approx(0.0, abs=1e-6)  # half of SDPA's memory at every length
     assert c.exponent == pytest.approx(1.0, abs=1e-9)  # 2e-3 T: linear
@@ -75,6 +76,13 @@ def test_compare_flags_a_regression_and_cli_exit_codes(tmp_path, capsys):
     assert cli.main(["bench", "--compare", str(a), str(a)]) == 0
     assert cli.main(["bench", "--compare", str(a), str(tmp_path / "missing")]) == 2
     assert "no results.json" in capsys.readouterr().err
+    assert cli.main(["bench", "compare", str(a), str(b)]) == 1  # the subcommand, same exit codes
+    assert cli.main(["bench", "compare", str(a), str(a)]) == 0
+    assert cli.main(["bench", "compare", str(a), str(tmp_path / "missing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    lone = _write(tmp_path, "lone", [_row("y", 1024, 10.0, 2.0)])
+    assert cli.main(["bench", "compare", str(a), str(lone)]) == 2
+    assert capsys.readouterr().err.startswith("attnlab bench: error: no timed configuration is common")
 
 
 def test_plots_are_written(tmp_path):
@@ -84,8 +92,17 @@ def test_plots_are_written(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_plots_without_matplotlib_raise_a_specific_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(plots.PlotsUnavailable, match="matplotlib is not installed"):
+        plots.write([_row("w", 1000, 1.0, 2.0)], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
-    from attnlab.bench.patterns import PATTERNS
+    from attnlab.bench.workloads import PATTERNS
 
     assert cli.main(["bench", "--patterns", "all", "--lengths", "128", "--modes", "fwd", "--out", str(tmp_path)]) == 0
     (run,) = tmp_path.iterdir()
@@ -116,7 +133,7 @@ def test_probes_time_a_call_and_see_its_memory():
 
 
 def test_kernel_ceiling_rows_describe_the_same_work():
-    from attnlab.bench import ceiling
+    from attnlab.bench.figures import ceiling
 
     rows = ceiling.ceiling(T=256, keys=64, heads=2, dim=16, rows=(32, 64), repeats=1)
     assert [r["rows"] for r in rows] == [32, 64] and [r["tiles"] for r in rows] == [16, 8]

@@ -39,6 +39,7 @@ def test_bench_writes_results(tmp_path, capsys):
     rows = data["rows"]
     assert {r["mechanism"] for r in rows} == {"sliding_window", "dense"} and data["machine"]["torch"]
     assert all(r["median_ms"] > 0 and r["vs_sdpa"] > 0 and 0 < r["density"] <= 1 for r in rows)
+    assert {r["mechanism"] for r in rows if r["baseline"]} == {"dense"}  # the row that times SDPA itself
     assert (run / "results.csv").exists()
 
 
@@ -233,3 +234,80 @@ def test_interrupted_runs_keep_what_they_measured(monkeypatch, tmp_path, capsys)
     (run,) = tmp_path.iterdir()
     data = json.loads((run / "results.json").read_text())
     assert [r["mechanism"] for r in data["rows"]] == ["dense"] and data["machine"]["interrupted"]
+
+
+def test_bench_subcommands_and_the_old_spellings_map_onto_each_other():
+    """`attnlab bench` is three subcommands; the old flat spelling keeps working, mapped before parsing."""
+    from attnlab.bench.commands import legacy_bench as legacy
+
+    assert legacy([]) == ["efficiency"]
+    assert legacy(["--lengths", "64"]) == ["efficiency", "--lengths", "64"]
+    assert legacy(["--suite", "quality", "--smoke"]) == ["quality", "--smoke"]
+    assert legacy(["--smoke", "--suite=quality"]) == ["quality", "--smoke"]
+    assert legacy(["--suite", "efficiency", "--modes", "fwd"]) == ["efficiency", "--modes", "fwd"]
+    assert legacy(["--compare", "a", "b"]) == ["compare", "a", "b"]
+    for new in (["efficiency", "--lengths", "64"], ["quality"], ["compare", "a", "b"], ["--help"]):
+        assert legacy(new) == new  # the new spelling passes through untouched
+
+
+def test_bench_efficiency_old_and_new_spelling_time_the_same_rows(monkeypatch, tmp_path):
+    _gate(monkeypatch, {"sliding_window": []})
+    args = ["--mechanisms", "sliding_window", "--lengths", "128", "--modes", "fwd", "--masks", "causal"]
+    keys = []
+    spellings = (["bench", *args], ["bench", "efficiency", *args], ["bench", "--suite", "efficiency", *args])
+    for i, argv in enumerate(spellings):
+        assert cli.main([*argv, "--out", str(tmp_path / str(i))]) == 0
+        (run,) = (tmp_path / str(i)).iterdir()
+        (row,) = json.loads((run / "results.json").read_text())["rows"]
+        keys.append((row["mechanism"], row["T"], row["causal"], row["mode"], row["options"], row["status"]))
+    assert keys == [("sliding_window", 128, True, "fwd", "window=512", "ok")] * 3
+
+
+def test_bench_subcommands_take_only_their_own_flags(capsys):
+    import pytest
+
+    assert cli.main(["bench", "quality", "--lengths", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err == "attnlab bench: error: --lengths applies to the efficiency suite (attnlab bench efficiency)\n"
+    assert cli.main(["bench", "efficiency", "--tasks", "T1"]) == 2
+    assert "--tasks applies to the quality suite" in capsys.readouterr().err
+    assert cli.main(["bench", "compare", "a", "b", "--preset", "quick"]) == 2
+    assert "--preset applies to the efficiency and quality suites" in capsys.readouterr().err
+    for argv in (["bench", "efficiency", "--bogus"], ["bench", "compare", "a"], ["check", "--bogus"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_threads_are_set_once_per_run(monkeypatch, tmp_path):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    _gate(monkeypatch, {"sliding_window": []})
+    args = ["--mechanisms", "sliding_window", "--lengths", "64", "--modes", "fwd", "--masks", "causal"]
+    assert cli.main(["bench", "efficiency", *args, "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert calls == [1]
+    assert cli.main(["bench", "efficiency", *args, "--out", str(tmp_path)]) == 0  # 0: torch's own
+    assert calls == [1]
+
+
+def test_the_sdpa_baseline_comes_from_the_records():
+    """The mechanism whose fast path *is* SDPA: a mask mechanism whose first impl is SDPA; a composite
+    that calls SDPA and gates the result (moh) computes something else."""
+    from attnlab import registry
+    from attnlab.bench.workloads import is_sdpa_baseline
+
+    assert [m.name for m in registry.MECHANISMS if is_sdpa_baseline(m)] == ["dense"]
+    assert next(iter(registry.get("moh").impls)) == "sdpa" and not is_sdpa_baseline(registry.get("moh"))
+
+
+def test_a_baseline_that_cannot_run_leaves_its_reason_in_the_row(monkeypatch, tmp_path):
+    _gate(monkeypatch, {"sliding_window": []})
+    args = ["bench", "efficiency", "--mechanisms", "sliding_window", "--lengths", "64", "--modes", "fwd+bwd"]
+    assert cli.main([*args, "--masks", "causal", "--flex", "sliding_window", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    (row,) = json.loads((run / "results.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["median_ms"] > 0 and row["vs_flex"] is None
+    assert "flex: forward only on the CPU" in row["note"]

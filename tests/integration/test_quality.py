@@ -298,3 +298,62 @@ def test_cli_quality_with_nothing_to_train_says_why(tmp_path, capsys):
 def test_policy_model_refuses_loose_options():
     with pytest.raises(ValueError, match="options go into the policy"):
         RecallModel(16, policies.policy_at("sala", 32), {"window": 4}, dim=16)
+
+
+def test_plan_says_what_runs_and_why_the_rest_is_skipped():
+    from attnlab.bench.quality.catalog import DataCache
+    from attnlab.bench.quality.plan import Untrainable, plan, trainable_options
+
+    with pytest.raises(Untrainable, match="gate network"):  # moh's record: untrainable as a bare mixer
+        trainable_options("moh", 128)
+    with pytest.raises(Untrainable, match="no reach option"):
+        trainable_options("dense", 128, reach=16)
+    assert trainable_options("sliding_window", 128, reach=16)["window"] == 16
+    jobs, notes = plan(["moh", "dense", "sliding_window"], "quick", ["T1", "T3"], DataCache(), smoke=True)
+    assert [(j.point.task, j.name) for j in jobs] == [("T1", "dense"), ("T1", "sliding_window")] + [
+        ("T3", "sliding_window")
+    ] * 3
+    assert [j.opts["window"] for j in jobs if j.point.task == "T3"] == [16, 32, 64]
+    assert any(n.startswith("moh (T1 L=128 N=8 V=2048, d=64): skipped: routed heads") for n in notes)
+
+
+def test_data_cache_shares_the_test_set_across_seeds():
+    from attnlab.bench.quality.catalog import DataCache, points
+
+    (point,) = points("quick", ["T1"], smoke=True)
+    data = DataCache()
+    train0, test0 = data(point, 0)
+    train1, test1 = data(point, 1)
+    assert data(point, 0)[0] is train0 and test1 is test0  # generated once; one test set for all seeds
+    assert not torch.equal(train0.inputs, train1.inputs)
+    assert len(train0.inputs) == point.train_n == 128 and len(test0.inputs) == point.test_n == 64
+
+
+def test_the_loop_reports_progress_through_a_listener(tmp_path, capsys):
+    from attnlab.bench.quality import run
+
+    class Record(run.Listener):
+        def __init__(self):
+            self.total, self.done, self.started, self.rows = None, 0, [], []
+
+        def start(self, total_steps):
+            self.total = total_steps
+
+        def run_started(self, job, lr, seed):
+            self.started.append((job.label, lr, seed))
+
+        def advance(self, steps=1):
+            self.done += steps
+
+        def job_done(self, row):
+            self.rows.append(row)
+
+    rec = Record()
+    rows, _ = run.run(["dense"], "quick", ["T1"], smoke=True, listener=rec)
+    assert rec.rows == rows and rec.started == [("dense", 3e-3, 0)] and rec.done == rec.total == 2
+    # the new spelling of the CLI runs the same loop (the old one: test_cli_quality_smoke)
+    args = ["bench", "quality", "--smoke", "--tasks", "T1", "--mechanisms", "dense", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    (out,) = tmp_path.iterdir()
+    (row,) = json.loads((out / "quality.json").read_text())["rows"]
+    assert row["value"] == rows[0]["value"] and row["label"] == "dense"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import attnlab
 from attnlab import convert
-from attnlab.bench.dha import prototype_mha
+from attnlab.bench.figures.dha import prototype_mha
 from attnlab.mechanisms import dha
 from attnlab.nn import DecoupledHeadAttention
 from attnlab.testing import TOLERANCES

@@ -77,8 +77,8 @@ def efficiency_lengths(rows: list[dict]) -> list[Crossing]:
     """One crossing per (mechanism, mask, mode) with at least two timed lengths."""
     groups: dict = {}
     for r in rows:
-        if r.get("median_ms") is None or r.get("vs_sdpa") is None or r["mechanism"] == "dense":
-            continue
+        if r.get("median_ms") is None or r.get("vs_sdpa") is None or r.get("baseline"):
+            continue  # untimed, or SDPA itself (no crossing with itself)
         groups.setdefault((r.get("pattern") or r["mechanism"], r["causal"], r["mode"]), []).append(r)
     out = []
     for (name, causal, mode), rs in groups.items():

@@ -8,7 +8,8 @@
   (``chunk_simple_gla`` with the per-head log decay), causal only, on CUDA when ``import fla`` works.
 
 Each baseline reports its first call (BlockMask + compile / Triton autotuning + the call) apart from
-the steady-state step the benchmark times. A baseline that cannot run returns the reason instead.
+the steady-state step the benchmark times. A baseline that cannot run raises
+:class:`BaselineUnavailable` with the reason, which the benchmark puts in the row's note.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab import registry
 from attnlab.bench.measure import elapsed
+from attnlab.spec import Mechanism
+
+
+class BaselineUnavailable(RuntimeError):
+    """A baseline that cannot run for this row (device, mode, a missing library); the message says why."""
 
 
 @dataclass
@@ -67,10 +74,11 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_baseline(layout, q: Tensor, k: Tensor, v: Tensor, mode: str) -> Baseline | str:
-    """Compiled Flex under ``layout``'s predicate (q [B,H,T,D], k/v [B,Hkv,S,D]), or why it can't run."""
+def flex_baseline(layout, q: Tensor, k: Tensor, v: Tensor, mode: str) -> Baseline:
+    """Compiled Flex under ``layout``'s predicate (q [B,H,T,D], k/v [B,Hkv,S,D]); raises
+    :class:`BaselineUnavailable` with the reason when it cannot run."""
     if mode != "fwd" and q.device.type != "cuda":
-        return "flex: forward only on the CPU (torch.compile serves Flex for inference there)"
+        raise BaselineUnavailable("flex: forward only on the CPU (torch.compile serves Flex for inference there)")
     try:
         from attnlab.kernels.flex import block_mask
 
@@ -93,12 +101,16 @@ def flex_baseline(layout, q: Tensor, k: Tensor, v: Tensor, mode: str) -> Baselin
 
         return Baseline(_step(call, grad_of), first_s)
     except Exception as e:  # torch.compile needs a C++ toolchain on CPU; Flex's CPU mask builder T*S memory
-        return f"flex unavailable: {one_line(e)}"
+        raise BaselineUnavailable(f"flex unavailable: {one_line(e)}") from e
 
 
 # -- flash-linear-attention ------------------------------------------------------------------------
 
-FLA_MECHANISMS = ("linear", "lightning")
+
+def has_fla_bridge(mech: Mechanism) -> bool:
+    """Whether fla's kernel is timed beside the mechanism: a record with an ``fla`` impl (linear
+    attention and its decayed form) has an fla chunk kernel computing the same thing."""
+    return "fla" in mech.impls
 
 
 def fla_status(device: torch.device | str) -> str | None:
@@ -133,7 +145,7 @@ def _fla_call(name: str, opts: dict, q: Tensor, k: Tensor, v: Tensor) -> Callabl
     def bthd(t: Tensor, expand: int = 1) -> Tensor:  # fla's layout is [B, T, H, D]; kv heads expanded
         return t.repeat_interleave(expand, dim=1).transpose(1, 2)
 
-    if name == "linear":
+    if "decay" not in registry.get(name).defaults:  # undecayed: fla's linear_attn on phi(q), phi(k)
         phi = linear.FEATURE_MAPS[opts.get("feature_map", "elu+1")]
         normalize = linear.NORMALIZED[opts.get("feature_map", "elu+1")]
         kw = _keywords(chunk_linear_attn, scale=scale, normalize=normalize, head_first=False)
@@ -148,12 +160,13 @@ def _fla_call(name: str, opts: dict, q: Tensor, k: Tensor, v: Tensor) -> Callabl
     return lambda: chunk_simple_gla(bthd(q), bthd(k, groups), bthd(v, groups), **kw)[0].transpose(1, 2)
 
 
-def fla_baseline(name: str, opts: dict, causal: bool, q: Tensor, k: Tensor, v: Tensor, mode: str, ours):
-    """fla's chunk kernel for ``name`` (causal self-attention) as a :class:`Baseline`, or why it can't
-    run (a str). ``ours`` is our forward (q, k, v) -> out: the two outputs are compared once, so a
-    mismatch of conventions shows in the row's note instead of passing as a speedup."""
+def fla_baseline(name: str, opts: dict, causal: bool, q: Tensor, k: Tensor, v: Tensor, mode: str, ours) -> Baseline:
+    """fla's chunk kernel for ``name`` (causal self-attention) as a :class:`Baseline`; raises
+    :class:`BaselineUnavailable` with the reason when it cannot run. ``ours`` is our forward
+    (q, k, v) -> out: the two outputs are compared once, so a mismatch of conventions shows in the
+    row's note instead of passing as a speedup."""
     if not causal or q.shape[2] != k.shape[2]:
-        return "fla: causal self-attention only"
+        raise BaselineUnavailable("fla: causal self-attention only")
     try:
         fn = _fla_call(name, opts, q, k, v)
         grad_of = (q, k, v) if mode != "fwd" else None
@@ -164,4 +177,4 @@ def fla_baseline(name: str, opts: dict, causal: bool, q: Tensor, k: Tensor, v: T
         note = f"fla output differs from ours (max error / max |ours| = {err:.2g}); timed anyway" if err > 5e-2 else ""
         return Baseline(_step(fn, grad_of), first_s, note)
     except Exception as e:
-        return f"fla failed: {one_line(e)}"
+        raise BaselineUnavailable(f"fla failed: {one_line(e)}") from e

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from attnlab import registry
 from attnlab.bench import baselines
 from attnlab.bench.measure import elapsed, peak_memory, time_interleaved
+from attnlab.bench.workloads import PATTERNS, bench_options, is_sdpa_baseline
 from attnlab.testing import check_mechanism
 
 FLOP_RULE = (
@@ -76,14 +77,7 @@ class Row:
     error: str = ""  # why the row has no speed: the exception, or the correctness gate's first failure
     note: str = ""
     pattern: str = ""  # the LongCA-bench mask pattern this row times (pattern sweep), else empty
-
-
-def bench_options(name: str, T: int) -> dict:
-    """The configuration each mechanism is benchmarked with at length T: its record's efficiency
-    workload, else its defaults (which make sense at any length)."""
-    mech = registry.get(name)
-    at = mech.workloads.efficiency
-    return dict(mech.defaults) if at is None else at(T)
+    baseline: bool = False  # the mechanism's fast path is SDPA itself (workloads.is_sdpa_baseline)
 
 
 def gate(names: list[str], device: torch.device | str = "cpu") -> dict[str, list[str]]:
@@ -101,7 +95,7 @@ def flex_default(device: torch.device | str) -> tuple[str, ...]:
 
 def _flex_layout(mech, lay, T: int, causal: bool, Hkv: int, opts: dict):
     """The layout Flex is handed for a row, or None when the mechanism is not one softmax under a mask
-    (composites with their own oracle; dense, whose fast path is SDPA, outside the pattern sweep)."""
+    (composites with their own oracle)."""
     if mech.oracle is not None:
         return None
     if lay is None and mech.layout is not None:
@@ -158,8 +152,6 @@ def run(
     for every mask mechanism, None for the device's default. The gate runs the contract on
     ``gate_device`` (default: ``device``). Returns the rows, errors included, and the gate failures
     (mechanisms that failed get no speed)."""
-    from attnlab.bench.patterns import PATTERNS
-
     device = torch.device(device)
     names = registry.mechanisms() if names is None else list(names)
     cfg = PRESETS[preset]
@@ -215,7 +207,7 @@ class Interrupted(Exception):
 
 def _row(label: str, mech, T: int, causal: bool, mode: str, options_at, failed: list[str], ctx: dict) -> Row:
     """One configuration, whatever happens: timed, skipped, or an error row naming the exception."""
-    row = Row(mech.name, "auto", T, causal, mode, "", pattern=label)
+    row = Row(mech.name, "auto", T, causal, mode, "", pattern=label, baseline=is_sdpa_baseline(mech))
     if failed:
         row.status, row.error = "error", f"failed the correctness gate ({len(failed)} cases): {failed[0]}"
         return row
@@ -225,7 +217,7 @@ def _row(label: str, mech, T: int, causal: bool, mode: str, options_at, failed: 
         _bench_row(row, mech, opts, ctx)
     except Exception as e:  # a mechanism that raises is a row, not the end of the run
         kept = {"options": row.options, "density": row.density, "build_ms": row.build_ms}
-        row = Row(mech.name, "auto", T, causal, mode, **kept, pattern=label)
+        row = Row(mech.name, "auto", T, causal, mode, **kept, pattern=label, baseline=row.baseline)
         row.status, row.error = "error", baselines.one_line(e)
         if ctx["device"].type == "cuda":
             torch.cuda.empty_cache()  # an out-of-memory row must not starve the next one
@@ -243,7 +235,7 @@ def _short(v) -> str:
 def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     B, H, Hkv, D = ctx["shape"]
     T, causal, mode = row.T, row.causal, row.mode
-    has_layout = mech.layout is not None and mech.name != "dense"  # dense runs on SDPA, no layout
+    has_layout = mech.layout is not None and not is_sdpa_baseline(mech)  # SDPA itself runs no layout
     device = ctx["device"]
     wants_flex = _wants_flex(row, mech, ctx)
     if device.type == "cuda" or wants_flex:
@@ -309,10 +301,10 @@ def _bench_row(row: Row, mech, opts: dict, ctx: dict) -> None:
     if probe.peak is not None:
         row.peak_mib, row.peak_vs_qkv = probe.peak / 2**20, probe.peak / qkv_bytes
     if wants_flex:
-        flex = baselines.flex_baseline(_flex_layout(mech, lay, T, causal, Hkv, opts), q, k, v, mode)
-        _versus(row, "flex", flex, ours, ctx)
-    if mech.name in baselines.FLA_MECHANISMS and ctx["fla"] is None:
-        _versus(row, "fla", baselines.fla_baseline(mech.name, opts, causal, q, k, v, mode, fn), ours, ctx)
+        layout = _flex_layout(mech, lay, T, causal, Hkv, opts)
+        _versus(row, "flex", lambda: baselines.flex_baseline(layout, q, k, v, mode), ours, ctx)
+    if baselines.has_fla_bridge(mech) and ctx["fla"] is None:
+        _versus(row, "fla", lambda: baselines.fla_baseline(mech.name, opts, causal, q, k, v, mode, fn), ours, ctx)
 
 
 def _wants_flex(row: Row, mech, ctx: dict) -> bool:
@@ -320,14 +312,17 @@ def _wants_flex(row: Row, mech, ctx: dict) -> bool:
     mask the baseline can state (a layout mechanism, or any pattern of the sweep)."""
     asked = "all" in ctx["flex"] or mech.name in ctx["flex"]
     maskable = mech.oracle is None and (mech.layout is not None or mech.select is not None)
-    dense_ok = mech.name != "dense" or bool(row.pattern)  # dense itself is SDPA: Flex only as a pattern
-    return asked and maskable and dense_ok and row.T in ctx["flex_lengths"]
+    not_sdpa = not is_sdpa_baseline(mech) or bool(row.pattern)  # SDPA itself: Flex only as a pattern
+    return asked and maskable and not_sdpa and row.T in ctx["flex_lengths"]
 
 
-def _versus(row: Row, name: str, baseline, ours, ctx: dict) -> None:
-    """Time a baseline interleaved with our call; record its median, first call and our speedup."""
-    if isinstance(baseline, str):
-        row.note = "; ".join(filter(None, (row.note, baseline)))
+def _versus(row: Row, name: str, make_baseline, ours, ctx: dict) -> None:
+    """Time a baseline interleaved with our call; record its median, first call and our speedup, or,
+    when the baseline cannot run here, why not in the row's note."""
+    try:
+        baseline = make_baseline()
+    except baselines.BaselineUnavailable as e:
+        row.note = "; ".join(filter(None, (row.note, str(e))))
         return
     theirs, again = time_interleaved([baseline.step, ours], budget=ctx["budget"], device=ctx["device"])
     setattr(row, f"{name}_ms", theirs.median * 1e3)

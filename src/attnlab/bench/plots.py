@@ -1,20 +1,25 @@
 """PNG plots of an efficiency run (matplotlib, the ``[viz]`` extra): latency vs length (log-log, one
-line per mechanism and mask, SDPA dashed), speedup vs density, and peak memory vs length."""
+line per mechanism and mask, SDPA dashed beside the rows that time SDPA itself), speedup vs density,
+and peak memory vs length."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def write(rows: list[dict], out: Path) -> list[Path] | str:
-    """The three plots under ``out``; the reason instead when matplotlib is missing."""
+class PlotsUnavailable(RuntimeError):
+    """matplotlib (the ``[viz]`` extra) is not installed: no plot can be drawn."""
+
+
+def write(rows: list[dict], out: Path) -> list[Path]:
+    """The three plots under ``out``; raises :class:`PlotsUnavailable` when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return "plots skipped: matplotlib is not installed (pip install 'attnlab[viz]')"
+    except ImportError as e:
+        raise PlotsUnavailable("plots skipped: matplotlib is not installed (pip install 'attnlab[viz]')") from e
     timed = [r for r in rows if r.get("median_ms") is not None]
     paths = []
     for mode in sorted({r["mode"] for r in timed}):
@@ -24,7 +29,7 @@ def write(rows: list[dict], out: Path) -> list[Path] | str:
             mask = "causal" if causal else "full"
             line = ax.plot([r["T"] for r in rs], [r["median_ms"] for r in rs], marker="o", label=f"{name} ({mask})")
             sdpa = [(r["T"], r["median_ms"] * r["vs_sdpa"]) for r in rs if r.get("vs_sdpa")]
-            if name == "dense" and sdpa:
+            if all(r.get("baseline") for r in rs) and sdpa:  # the rows that time SDPA itself
                 ax.plot(*zip(*sdpa), ls="--", color=line[0].get_color(), label=f"SDPA ({mask})")
         ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="median ms", title=f"latency, {mode}")
         ax.legend(fontsize=6, ncol=2)

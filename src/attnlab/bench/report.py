@@ -101,3 +101,31 @@ def write(rows: list[dict], info: dict, gate: dict, out_root: str | Path = "resu
         w.writeheader()
         w.writerows(rows)
     return out
+
+
+def efficiency_lengths(found: list) -> None:
+    """Print CAB's efficiency lengths and the measured scaling exponents (``analysis.Crossing``)."""
+    if not found:
+        return
+    print(
+        "efficiency length (CAB): T above which the mechanism beats SDPA (quadratic vs linear fit);"
+        " time ~ T^k: the log-log slope over the measured lengths"
+    )
+    for c in found:
+        cells = []
+        for what, T in (("time", c.time_T), ("memory", c.memory_T)):
+            where = "never in fit" if T is None else f"{T:,.0f}" + ("" if c.in_range(T) else " (extrapolated)")
+            cells.append(f"{what} {where}")
+        if c.exponent is not None:
+            cells.append(f"time ~ T^{c.exponent:.2f} ({min(c.lengths):,}-{max(c.lengths):,})")
+        print(f"  {c.mechanism:22} {'causal' if c.causal else 'full':6} {c.mode:8} " + " · ".join(cells))
+
+
+def comparison(rows: list[dict]) -> None:
+    """Print two runs' comparison (``analysis.compare``), REGRESSION flags included."""
+    print(f"{'mechanism':22} {'T':>6} {'mask':6} {'mode':8} {'time B/A':>9} {'xSDPA B/A':>10}")
+    for r in rows:
+        sp = "-" if r["speedup_ratio"] is None else f"{r['speedup_ratio']:.2f}"
+        flag = "  REGRESSION" if r["regressed"] else ""
+        mask = "causal" if r["causal"] else "full"
+        print(f"{r['mechanism']:22} {r['T']:>6} {mask:6} {r['mode']:8} {r['time_ratio']:>9.2f} {sp:>10}{flag}")

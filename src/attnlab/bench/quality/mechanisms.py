@@ -2,16 +2,15 @@
 
 Each record's ``workloads`` says it: ``quality(L)`` (windowed patterns get a window of L/4, T3 sweeping
 L/8, L/4, L/2: 16/32/64 at L=128, the spec's reach ladder; block-structured ones blocks of L/16), the
-option T3 sweeps, the mixer's heads, and why a mechanism cannot be trained as a causal token mixer.
-A record without a ``quality`` workload runs with its defaults, so a new mechanism is picked up
-without editing this file.
+option T3 sweeps, the mixer's heads, and why a mechanism cannot be trained as a causal token mixer
+(``plan.trainable_options`` reads that). A record without a ``quality`` workload runs with its
+defaults, so a new mechanism is picked up without editing this file.
 """
 
 from __future__ import annotations
 
 from attnlab import registry
-
-QUICK = ("dense", "sliding_window", "linear")
+from attnlab.bench.quality.catalog import PRESETS
 
 
 def reach_option(name: str) -> str | None:
@@ -30,30 +29,14 @@ def options_at(name: str, seq_len: int, reach: int | None = None) -> dict:
     return opts
 
 
-def resolve(name: str, seq_len: int, reach: int | None = None) -> tuple[dict | None, str | None]:
-    """(options, None) for a configuration the suite trains, or (None, the reason it cannot), read
-    from the mechanism's record: no model is built to find out."""
-    mech = registry.get(name)
-    if mech.workloads.untrainable:
-        return None, mech.workloads.untrainable
-    if "self_causal" not in mech.patterns:
-        return None, f"serves {', '.join(sorted(mech.patterns))} only, not a causal token mixer"
-    if reach is not None and mech.workloads.reach is None:
-        return None, "has no reach option to sweep"
-    opts = options_at(name, seq_len, reach)
-    try:
-        mech.resolve(seq_len, seq_len, True, opts)
-    except ValueError as e:
-        return None, f"ValueError: {str(e).splitlines()[0][:120]}"
-    return opts, None
-
-
 def select(requested: list[str] | None, preset: str) -> tuple[list[str], list[str]]:
-    """(mechanisms to run, notes): the requested ones, else the preset's; unregistered names in a
-    preset are skipped with a note (``linear`` joins the quick preset once it is registered)."""
+    """(mechanisms to run, notes): the requested ones, else the preset's (``catalog.PRESETS``: a
+    user-facing list of names, or every registered mechanism); unregistered names in a preset are
+    skipped with a note."""
     known = registry.mechanisms()
     if requested:
         return list(dict.fromkeys(requested)), []
-    wanted = list(QUICK) if preset == "quick" else known
+    chosen = PRESETS[preset].mechanisms
+    wanted = known if chosen is None else list(chosen)
     notes = [f"{n}: not registered in this build; skipped" for n in wanted if n not in known]
     return [n for n in wanted if n in known], notes

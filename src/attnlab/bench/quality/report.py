@@ -1,11 +1,15 @@
 """The quality report: a terminal table (rich when installed), ``quality.json`` and a PNG of accuracy
-against difficulty per mechanism, under ``<out>/<timestamp>/``."""
+against difficulty per mechanism, under ``<out>/<timestamp>/``; and the live progress bar of a run
+(a :class:`run.Listener` drawing on a rich ``Progress``)."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+from attnlab.bench.plots import PlotsUnavailable
+from attnlab.bench.quality.run import Listener
 
 
 def _bytes(n: int) -> str:
@@ -92,16 +96,16 @@ def write(rows: list[dict], notes: list[str], info: dict, meta: dict, out_root: 
     return out
 
 
-def plot(rows: list[dict], out: Path) -> str:
+def plot(rows: list[dict], out: Path) -> Path:
     """quality.png: one panel per task, score against difficulty, one line per mechanism (dashed: the
-    reach cap). Returns a line for the report (where it went, or why there is no plot)."""
+    reach cap). Raises :class:`PlotsUnavailable` when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot: matplotlib is not installed (pip install attnlab[viz]); no quality.png"
+    except ImportError as e:
+        raise PlotsUnavailable("plot: matplotlib is not installed (pip install attnlab[viz]); no quality.png") from e
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys((r["mechanism"], r["dim"]) for r in rows))}
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
@@ -127,4 +131,32 @@ def plot(rows: list[dict], out: Path) -> str:
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=120)
     plt.close(fig)
-    return f"plot: {out / 'quality.png'}"
+    return out / "quality.png"
+
+
+def job_line(r: dict) -> str:
+    """One finished job, as the run prints it above the progress bar (and into logs)."""
+    cap = "" if r["cap"] is None else f" (cap {r['cap']:.3f})"
+    what = f"{r['task']} {r['difficulty']} · {r['label']} d={r['dim']}"
+    return f"{what}: {r['metric']} {r['value']:.3f}{cap} · {r['seconds']:.0f} s"
+
+
+class ProgressBar(Listener):
+    """A run's progress on a rich ``Progress``: one bar over the planned steps, each finished job's
+    line kept above it."""
+
+    def __init__(self, progress):
+        self.progress, self.bar = progress, None
+
+    def start(self, total_steps: int) -> None:
+        self.bar = self.progress.add_task("quality", total=total_steps)
+
+    def run_started(self, job, lr: float, seed: int) -> None:
+        desc = f"{job.point.task} {job.point.difficulty} · {job.label} · lr {lr:g} seed {seed}"
+        self.progress.update(self.bar, description=desc)
+
+    def advance(self, steps: int = 1) -> None:
+        self.progress.advance(self.bar, steps)
+
+    def job_done(self, row: dict) -> None:
+        self.progress.console.print(job_line(row), markup=False, highlight=False)

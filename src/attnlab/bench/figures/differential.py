@@ -8,7 +8,7 @@ Two readings of "the same shape", both B=1, fp32, 2 threads, against dense q, k,
   each of twice the width): q, k, v [1, 4, T, 128], i.e. 4 heads, two maps of d = 64, values 128 wide.
   Same number of maps and QK FLOPs as dense; the PV product is twice as wide.
 
-    PYTHONPATH=src python -m attnlab.bench.differential --lengths 4096 16384
+    PYTHONPATH=src python -m attnlab.bench.figures.differential --lengths 4096 16384
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""The mask patterns of the Long-Context Attention benchmarks (LongCA-bench; CAB, Zhang et al., ICML
-2023) on our mechanisms, so one sweep times each pattern on the executor against SDPA and Flex.
+"""What the efficiency benchmark runs: each mechanism's workload at a length (read from its record),
+which mechanism *is* the SDPA baseline (from its record too), and the mask patterns of the
+Long-Context Attention benchmarks (LongCA-bench; CAB, Zhang et al., ICML 2023) on our mechanisms, so
+one sweep times each pattern on the executor against SDPA and Flex. The bottom floor of the
+benchmark: it reads the registry and nothing of ``bench``.
 
-Each pattern is (mechanism, options at length T, causal):
+Each pattern is (mechanism, options at length T, causal), a user-facing catalogue entry:
 
 * full, causal: dense attention.
 * sliding_window (causal and not): a 512-key window.
@@ -17,7 +20,25 @@ from __future__ import annotations
 
 import torch
 
+from attnlab import registry
 from attnlab.mechanisms.document import packed_lengths
+from attnlab.spec import Kind, Mechanism
+
+
+def bench_options(name: str, T: int) -> dict:
+    """The configuration each mechanism is benchmarked with at length T: its record's efficiency
+    workload, else its defaults (which make sense at any length)."""
+    mech = registry.get(name)
+    at = mech.workloads.efficiency
+    return dict(mech.defaults) if at is None else at(T)
+
+
+def is_sdpa_baseline(mech: Mechanism) -> bool:
+    """Whether the mechanism's fast path *is* the SDPA baseline: one softmax under a fixed mask whose
+    first (fastest) impl is named ``sdpa``. Timing it against SDPA times SDPA against itself, its
+    block layout never runs, and Flex times its mask only as a pattern of the sweep. (A composite
+    whose impl calls SDPA, gates on top, is not the baseline: it computes something else.)"""
+    return mech.kind is Kind.MASK and next(iter(mech.impls), None) == "sdpa"
 
 
 def _shared_question(T: int) -> dict:

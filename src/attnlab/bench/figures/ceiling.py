@@ -10,7 +10,7 @@ the same total work:
 
 A mechanism whose selected blocks must be gathered cannot beat this fraction on this kernel; the
 gathers and the selection come on top. Same tiles at larger ``rows`` show what bigger query tiles
-would buy. ``python -m attnlab.bench.ceiling [T] [keys]`` prints the table.
+would buy. ``python -m attnlab.bench.figures.ceiling [T] [keys]`` prints the table.
 """
 
 from __future__ import annotations

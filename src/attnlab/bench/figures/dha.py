@@ -14,7 +14,7 @@ Speed (``grouping_timings``): ``mechanisms.dha.attention`` under several groupin
 the per-head gathered keys and values (what a naive DHA does) and against plain MHA SDPA, timed
 interleaved, causal forward, B1 H8 D64.
 
-    PYTHONPATH=src python -m attnlab.bench.dha
+    PYTHONPATH=src python -m attnlab.bench.figures.dha
 """
 
 from __future__ import annotations
