@@ -184,7 +184,7 @@ def test_apply_policy_places_each_layer_and_refuses_bad_policies():
     policy = Policy.explicit([("sliding_window", {"window": 2}), "dense"])
     attnlab.hf.apply_policy(model, Policy.from_json(policy.to_json()))
     layers = attnlab.hf.attention_layers(model)
-    assert [layer.attnlab[0] for layer in layers] == ["sliding_window", "dense"]
+    assert [layer.attnlab.mechanism for layer in layers] == ["sliding_window", "dense"]
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, eager)
         attnlab.hf.apply_policy(model, Policy.explicit(["dense", "dense"]))
@@ -226,7 +226,7 @@ def test_router_policy_on_a_transformers_model_trains_and_chooses():
     with torch.no_grad():
         eager = model(ids).logits
     attnlab.hf.apply_policy(model, Policy.router(2, sparse=("streaming", {"sinks": 1, "window": 3})))
-    routers = [layer.attnlab_router for layer in attnlab.hf.attention_layers(model)]
+    routers = [layer.attnlab.router for layer in attnlab.hf.attention_layers(model)]
     assert all(any(p is q for q in model.parameters()) for r in routers for p in r.parameters())
     model.train()
     out = model(ids).logits

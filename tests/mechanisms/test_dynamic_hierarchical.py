@@ -165,3 +165,31 @@ def test_row_passes_do_not_change_the_selection(monkeypatch):
     for a, b in ((one.take, many.take), (one.cut, many.cut), (one.layout.kv_blocks, many.layout.kv_blocks)):
         assert torch.equal(a, b)
     assert torch.equal(one.layout.partial, many.layout.partial)
+
+
+def test_given_selection_equals_recomputing_and_is_not_recomputed(monkeypatch):
+    """``selection=`` takes DHSA's own selection: the same output (and gradients) as selecting again,
+    on the fast path and on the oracle, without calling select() a second time."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 40, 8, dtype=torch.float64, generator=g)
+    k, v = torch.randn(2, 2, 2, 40, 8, dtype=torch.float64, generator=g)
+    opts = {"chunking": "fixed", "chunk_size": 6, "budget": 13, "local": 3, "sinks": 2}
+    sel = attnlab.get("dynamic_hierarchical").select(q, k, causal=True, **opts)
+    fresh = attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True, **opts)
+
+    def refuse(*a, **kw):
+        raise AssertionError("select() ran although a selection was given")
+
+    monkeypatch.setattr(dhsa, "select", refuse)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    given = attnlab.attention(*leaves, "dynamic_hierarchical", causal=True, selection=sel, **opts)
+    torch.testing.assert_close(given, fresh, atol=0, rtol=0)
+    given.sum().backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = attnlab.attention(*ref_leaves, "dynamic_hierarchical", causal=True, impl="reference", selection=sel, **opts)
+    torch.testing.assert_close(given, ref)
+    ref.sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+    with pytest.raises(ValueError, match="selection must be a ChunkSelection for T=40, S=40"):
+        attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True, selection=sel.layout, **opts)

@@ -77,9 +77,9 @@ def test_router_policy_json_round_trip():
 
 
 def test_reuse_in_the_lm_scores_once_per_source(monkeypatch):
-    calls = []
-    real = block_topk.select
-    monkeypatch.setattr(block_topk, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = []  # one ranking per select(): the record holds select() itself, so spy on what it calls
+    real = block_topk._rank_by_score
+    monkeypatch.setattr(block_topk, "_rank_by_score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     opts = {"block_size": 4, "top_k": 2, "init_blocks": 1, "local_blocks": 1}
     cfg = LMConfig(vocab_size=50, dim=32, n_layers=3, heads=4)
     torch.manual_seed(3)

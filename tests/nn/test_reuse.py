@@ -101,9 +101,9 @@ def _llama(layers=4):
 
 
 def test_a_reuse_policy_really_reuses(monkeypatch):
-    calls = []
-    real = block_topk.select
-    monkeypatch.setattr(block_topk, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = []  # one ranking per select(): the record holds select() itself, so spy on what it calls
+    real = block_topk._rank_by_score
+    monkeypatch.setattr(block_topk, "_rank_by_score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     opts = {"block_size": 4, "top_k": 3, "init_blocks": 1, "local_blocks": 1}
     model = _llama()
     policy = Policy.reuse([-1, 0, 0, -1], **opts)
