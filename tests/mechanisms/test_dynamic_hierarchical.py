@@ -193,3 +193,19 @@ def test_given_selection_equals_recomputing_and_is_not_recomputed(monkeypatch):
         torch.testing.assert_close(a.grad, b.grad)
     with pytest.raises(ValueError, match="selection must be a ChunkSelection for T=40, S=40"):
         attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True, selection=sel.layout, **opts)
+
+
+def test_given_selection_under_torch_compile_runs_eagerly_and_exactly():
+    """A selection cannot travel through the compiled op (a layout and a closure): the call runs
+    eagerly behind one graph break, with the same result as in eager mode."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(3, 1, 2, 32, 8, generator=g)
+    opts = {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1}
+    sel = attnlab.get("dynamic_hierarchical").select(q, k, causal=True, **opts)
+
+    def fn(q, k, v):
+        return attnlab.attention(q * 1, k, v, "dynamic_hierarchical", causal=True, selection=sel, **opts) * 2
+
+    torch._dynamo.reset()
+    assert len(torch._dynamo.explain(fn)(q, k, v).break_reasons) == 1
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, k, v), fn(q, k, v), atol=0, rtol=0)
