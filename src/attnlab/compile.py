@@ -131,7 +131,7 @@ _EAGER_RUN = None
 
 
 def bind(run) -> None:
-    """Set the eager call ``run(q, k, v, mechanism, causal, scale, impl, options, need_lse)``."""
+    """Set the eager call ``run(q, k, v, mechanism, causal, scale, impl, options, need_lse, selection)``."""
     global _EAGER_RUN
     _EAGER_RUN = run
 
@@ -277,9 +277,13 @@ _attention_lse_op.register_autograd(_backward, setup_context=_setup_context)
 # -- dispatch while compiling ----------------------------------------------------------------------
 
 
-def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool) -> AttentionOutput:
+def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool, selection=None) -> AttentionOutput:
     """``registry._run`` while dynamo traces: one custom op, or one graph break when the call can't
     travel through it (see the module docstring)."""
+    # A selection is an object holding a layout and its predicate (a Python closure): the op's
+    # schema carries tensors and scalars only, so a call given one runs eagerly.
+    if selection is not None:
+        return _eager_break(q, k, v, mech.name, causal, scale, impl, options, need_lse, selection)
     packed = encode(causal, options)
     lse_ok = mech.layout is not None or mech.select is not None  # the executor returns an LSE
     if packed is None or (need_lse and not lse_ok) or any(t.requires_grad for t in packed.tensors):
@@ -293,5 +297,5 @@ def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool) 
 
 
 @torch._dynamo.disable
-def _eager_break(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> AttentionOutput:
-    return _EAGER_RUN(q, k, v, mechanism, causal, scale, impl, options, need_lse)
+def _eager_break(q, k, v, mechanism, causal, scale, impl, options, need_lse, selection=None) -> AttentionOutput:
+    return _EAGER_RUN(q, k, v, mechanism, causal, scale, impl, options, need_lse, selection)

@@ -39,7 +39,7 @@ def _plain(value, where: str):
 class Layer:
     mechanism: str
     options: dict = field(default_factory=dict)
-    reuse: int | None = None  # HyLRA: attend over this earlier layer's block selection (block_topk)
+    reuse: int | None = None  # HyLRA: attend over this earlier layer's selection (a selecting mechanism)
     # Flux: a learned per-sequence choice between this layer's mechanism (the full attention) and
     # {"mechanism": sparse name, "options": {...}}; served by attnlab.nn.TransformerLM
     route: dict | None = None
@@ -50,11 +50,14 @@ class Layer:
                 raise ValueError(f"route must be {{'mechanism': name, 'options': {{...}}}}, got {self.route!r}")
             sparse = Layer(self.route["mechanism"], self.route.get("options", {}))
             object.__setattr__(self, "route", {"mechanism": sparse.mechanism, "options": sparse.options})
-        if self.reuse is not None and self.mechanism != "block_topk":
+        mech = registry.get(self.mechanism)
+        if self.reuse is not None and not mech.selects:
+            selecting = ", ".join(m.name for m in registry.MECHANISMS if m.selects)
             raise ValueError(
-                f"reuse needs the block_topk mechanism (it reuses a block selection), got {self.mechanism}"
+                f"reuse needs a mechanism that selects its keys ({selecting}): it reuses a selection; "
+                f"got {self.mechanism}"
             )
-        registry.get(self.mechanism).check_option_names(self.options)  # unknown names list the valid
+        mech.check_option_names(self.options)  # unknown names list the valid
         object.__setattr__(self, "options", _plain(dict(self.options), self.mechanism))
 
 
@@ -68,10 +71,11 @@ class Policy:
             src = layer.reuse
             if src is None:
                 continue
-            ok = isinstance(src, int) and 0 <= src < j and self.layers[src].mechanism == "block_topk"
+            ok = isinstance(src, int) and 0 <= src < j and self.layers[src].mechanism == layer.mechanism
             if not ok or self.layers[src].reuse is not None:
                 raise ValueError(
-                    f"layer {j} reuses layer {src!r}: the source must be an earlier block_topk layer that computes"
+                    f"layer {j} reuses layer {src!r}: the source must be an earlier {layer.mechanism} layer "
+                    "that computes"
                 )
 
     def __len__(self) -> int:
@@ -125,15 +129,16 @@ class Policy:
         return cls(tuple(Layer(name, dict(options), route=route) for _ in range(n_layers)), kind="router")
 
     @classmethod
-    def reuse(cls, steps: list[int], rollback=(), **options) -> Policy:
+    def reuse(cls, steps: list[int], rollback=(), sparse: str = "block_topk", **options) -> Policy:
         """HyLRA: from ``attnlab.reuse.plan``'s per-layer steps. Rollback layers run dense, computing
-        layers ``block_topk`` with ``options``, the others reuse their source's selection."""
+        layers ``sparse`` (a selecting mechanism) with ``options``, the others reuse their source's
+        selection."""
         layers = []
         for j, step in enumerate(steps):
             if j in set(rollback):
                 layers.append(Layer("dense"))
             else:
-                layers.append(Layer("block_topk", options, reuse=None if step < 0 else step))
+                layers.append(Layer(sparse, options, reuse=None if step < 0 else step))
         return cls(tuple(layers), kind="reuse")
 
     def check(self, n_layers: int) -> None:

@@ -79,12 +79,12 @@ def pattern(T: int, S: int, causal: bool) -> str:
     return ("self" if T == S else "cross") + ("_causal" if causal else "")
 
 
-def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> AttentionOutput:
+def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse, selection=None) -> AttentionOutput:
     mech = get(mechanism)
     # While dynamo traces, fast paths it can't trace run as one opaque op (attnlab/compile.py).
     compiling = impl != "reference" and torch.compiler.is_compiling()
     if compiling and not any(i.traced for i in mech.impls.values()):
-        return _compile.run(q, k, v, mech, causal, scale, impl, options, need_lse)
+        return _compile.run(q, k, v, mech, causal, scale, impl, options, need_lse, selection)
     shapes = check_qkv(q, k, v)
     resolve_scale(scale, shapes.D)
     opts = mech.resolve(shapes.T, shapes.S, causal, options)
@@ -93,13 +93,16 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse) -> Attentio
         raise ValueError(
             f"{mech.name} does not support {pat} attention; it supports: {', '.join(sorted(mech.patterns))}"
         )
+    if selection is not None:
+        mech.check_selection(selection, shapes.T, shapes.S)
     if impl == "reference":
-        ref = mech.reference(q, k, v, causal=causal, scale=scale, **opts)
+        ref = mech.reference(q, k, v, causal=causal, scale=scale, selection=selection, **opts)
         return AttentionOutput(ref.out, ref.lse)
     name = _pick_impl(mech, q, k, v, causal, impl, opts, need_lse)
     if compiling and not mech.impls[name].traced:
-        return _compile.run(q, k, v, mech, causal, scale, name, opts, need_lse)
-    return mech.impls[name].fn(q, k, v, causal=causal, scale=scale, **opts)
+        return _compile.run(q, k, v, mech, causal, scale, name, opts, need_lse, selection)
+    given = {} if selection is None else {"selection": selection}  # only selecting mechanisms' impls take it
+    return mech.impls[name].fn(q, k, v, causal=causal, scale=scale, **opts, **given)
 
 
 def _pick_impl(mech: Mechanism, q, k, v, causal, impl: str, opts: dict, need_lse: bool) -> str:
@@ -129,6 +132,7 @@ def attention(
     causal=False,
     scale: float | None = None,
     impl: str = "auto",
+    selection=None,
     **options,
 ) -> Tensor:
     """Attention by mechanism name: q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> [B,H,T,Dv].
@@ -136,8 +140,11 @@ def attention(
     ``impl="auto"`` runs the fastest implementation that supports the call, ``"reference"`` the
     dense oracle, any other name that implementation or a ValueError saying why it can't.
     Options not given take the registry defaults (``attnlab list`` shows them).
+    ``selection``: for a mechanism that selects its keys from the data (``get(name).selects``), what
+    ``get(name).select(q, k, ...)`` returned on a same-shaped call: the call attends under it instead
+    of selecting again (HyLRA's layer reuse; inspecting what was kept).
     """
-    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=False).out
+    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=False, selection=selection).out
 
 
 def attention_lse(
@@ -149,10 +156,11 @@ def attention_lse(
     causal=False,
     scale: float | None = None,
     impl: str = "auto",
+    selection=None,
     **options,
 ) -> AttentionOutput:
     """Like :func:`attention` but returns ``(out, lse)``; lse [B,H,T] is ``-inf`` on rows with no key."""
-    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True)
+    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True, selection=selection)
 
 
 def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> Tensor:

@@ -1,13 +1,13 @@
 """HyLRA layer reuse (Ai et al., arXiv 2602.00777): profile which layers select the same key blocks,
 then let some layers reuse an earlier layer's top-k block selection instead of scoring their own.
 
-Each layer is FULL (a rollback layer: dense), COMPUTE (scores blocks, ``block_topk``, and becomes
-the current source) or REUSE (attends over the current source's blocks; no scoring). Values along a
-plan: FULL and COMPUTE layers score 1, a REUSE layer j the overlap T[src, j]. ``plan`` maximizes
-(min value, then total value) lexicographically with at most ``max_computes`` FULL + COMPUTE layers
-(spec §5.2). The bottleneck (min) objective and the sum do not share optimal substructure, so the
-plan is exact in two passes: the best reachable minimum first, then the best sum over plans whose
-every value reaches it.
+Each layer is FULL (a rollback layer: dense), COMPUTE (selects its blocks with a selecting
+mechanism, ``block_topk`` in the paper, and becomes the current source) or REUSE (attends over the
+current source's blocks; no scoring). Values along a plan: FULL and COMPUTE layers score 1, a
+REUSE layer j the overlap T[src, j]. ``plan`` maximizes (min value, then total value)
+lexicographically with at most ``max_computes`` FULL + COMPUTE layers (spec §5.2). The bottleneck
+(min) objective and the sum do not share optimal substructure, so the plan is exact in two passes:
+the best reachable minimum first, then the best sum over plans whose every value reaches it.
 
 Spec ambiguity resolved: rollback layers produce no selection, so they never become a source (the
 spec zeroes their overlap rows, which amounts to the same); layer 0, having no source, computes.
@@ -20,17 +20,23 @@ import math
 import torch
 from torch import Tensor
 
+from attnlab import registry
+
 COMPUTE = -1
 
 
-def shared_selection(store: dict, layer, source, q: Tensor, k: Tensor, *, causal: bool, scale=None, **options):
-    """At run time: a computing layer (``source`` None) scores its blocks with ``block_topk`` and
-    records the selection under ``layer``; a reusing layer takes ``store[source]`` without scoring."""
-    from attnlab.mechanisms import block_topk
-
-    options = {key: val for key, val in options.items() if key != "selection"}
+def shared_selection(
+    store: dict, layer, source, mechanism: str, q: Tensor, k: Tensor, *, causal: bool, scale=None, **options
+):
+    """At run time: a computing layer (``source`` None) selects with ``mechanism`` (any selecting
+    one: ``block_topk`` in the paper) and records the selection under ``layer``; a reusing layer
+    takes ``store[source]`` without scoring."""
+    mech = registry.get(mechanism)
+    if not mech.selects:
+        raise ValueError(f"layer reuse needs a mechanism that selects its keys; {mechanism} is a {mech.kind.value} one")
     if source is None:
-        store[layer] = block_topk.select(q, k, causal=causal, scale=scale, **options)
+        opts = mech.resolve(q.shape[2], k.shape[2], causal, options)
+        store[layer] = mech.select(q, k, causal=causal, scale=scale, **opts)
         return store[layer]
     sel = store.get(source)
     if sel is None or (sel.layout.T, sel.layout.S) != (q.shape[2], k.shape[2]):
@@ -38,9 +44,19 @@ def shared_selection(store: dict, layer, source, q: Tensor, k: Tensor, *, causal
     return sel
 
 
+def kept_blocks(selection) -> Tensor:
+    """A selection's visited key blocks as bool [Bl, Hl, nQB, nKB], read from its layout (so any
+    selecting mechanism's selection profiles the same way): the input of :func:`overlap`."""
+    lay = selection.layout
+    n_kb = -(-lay.S // lay.block_k)
+    slots = lay.kv_blocks  # [Bl, Hl, nQB, V], -1 in unused slots
+    kept = torch.zeros(*slots.shape[:3], n_kb + 1, dtype=torch.bool, device=slots.device)
+    return kept.scatter_(-1, torch.where(slots < 0, n_kb, slots), True)[..., :n_kb]
+
+
 def overlap(selections: list[Tensor]) -> Tensor:
     """T[i, j] = mean over (batch, kv head, query block) of |Top_i ∩ Top_j| / |Top_j|, from each
-    layer's kept blocks (bool [B, Hkv, nQB, nKB], e.g. ``BlockSelection.blocks``)."""
+    layer's kept blocks (bool [B, Hkv, nQB, nKB], e.g. :func:`kept_blocks`)."""
     L = len(selections)
     out = torch.eye(L, dtype=torch.float64, device=selections[0].device if L else None)
     for j in range(L):

@@ -91,13 +91,14 @@ class Mechanism:
     # SELECTION: select(q, k, *, causal, scale, **options) -> a selection with .layout and .dense_mask()
     # ([B, Hkv, T, S]); the oracle runs under that same selection.
     select: Callable | None = None
+    selection_type: type | None = None  # SELECTION: what select() returns; ``selection=`` must be one
     # Everything but MASK and SELECTION: oracle(q, k, v, *, causal, scale, **options) -> Reference.
     oracle: Callable | None = None
 
     def __post_init__(self):
         needs = {
             Kind.MASK: ("mask", "layout"),
-            Kind.SELECTION: ("select",),
+            Kind.SELECTION: ("select", "selection_type"),
         }.get(self.kind, ("oracle",))
         missing = [n for n in needs if getattr(self, n) is None]
         if missing:
@@ -134,6 +135,18 @@ class Mechanism:
         self.check_option_names(options)
         self.is_causal(causal)
         return self.check_options(T, S, causal, {**self.defaults, **options})
+
+    def check_selection(self, selection, T: int, S: int) -> None:
+        """``selection=`` of a call with T queries and S keys: only a selecting mechanism takes one,
+        and it must be what its ``select()`` returned on a same-shaped call."""
+        if not self.selects:
+            raise ValueError(
+                f"selection= is for mechanisms that select their keys from the data; {self.name} is a "
+                f"{self.kind.value} mechanism"
+            )
+        kind = self.selection_type.__name__
+        if not isinstance(selection, self.selection_type) or (selection.layout.T, selection.layout.S) != (T, S):
+            raise ValueError(f"selection must be a {kind} for T={T}, S={S} (from select() on a same-shaped call)")
 
     def _heads(self, kv_heads: int | None) -> dict:
         return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}
@@ -174,14 +187,17 @@ class Mechanism:
         return m if m.dim() == 4 else m.view(1, 1, *m.shape)  # [T, S]: shared by the batch and heads
 
     def reference(
-        self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, **options
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, scale=None, selection=None, **options
     ) -> _reference.Reference:
-        """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse)."""
+        """The dense oracle under this mechanism's mask: (out, weights [B,H,T,S], lse); a selecting
+        mechanism runs under ``selection`` when given, else under its own ``select()``."""
         opts = self.resolve(q.shape[2], k.shape[2], causal, options)
+        if selection is not None:
+            self.check_selection(selection, q.shape[2], k.shape[2])
         if self.oracle is not None:
             return self.oracle(q, k, v, causal=causal, scale=scale, **opts)
         if self.select is not None:
-            sel = opts.pop("selection", None) or self.select(q, k, causal=causal, scale=scale, **opts)
+            sel = selection if selection is not None else self.select(q, k, causal=causal, scale=scale, **opts)
             m = sel.dense_mask()  # [B, Hkv or 1, T, S]
         else:
             m = self._dense_mask(q.shape[2], k.shape[2], causal, k.shape[1], opts)  # [B|1, Hkv|1, T, S]

@@ -184,7 +184,7 @@ def test_apply_policy_places_each_layer_and_refuses_bad_policies():
     policy = Policy.explicit([("sliding_window", {"window": 2}), "dense"])
     attnlab.hf.apply_policy(model, Policy.from_json(policy.to_json()))
     layers = attnlab.hf.attention_layers(model)
-    assert [layer.attnlab[0] for layer in layers] == ["sliding_window", "dense"]
+    assert [layer.attnlab.mechanism for layer in layers] == ["sliding_window", "dense"]
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, eager)
         attnlab.hf.apply_policy(model, Policy.explicit(["dense", "dense"]))
@@ -226,7 +226,7 @@ def test_router_policy_on_a_transformers_model_trains_and_chooses():
     with torch.no_grad():
         eager = model(ids).logits
     attnlab.hf.apply_policy(model, Policy.router(2, sparse=("streaming", {"sinks": 1, "window": 3})))
-    routers = [layer.attnlab_router for layer in attnlab.hf.attention_layers(model)]
+    routers = [layer.attnlab.router for layer in attnlab.hf.attention_layers(model)]
     assert all(any(p is q for q in model.parameters()) for r in routers for p in r.parameters())
     model.train()
     out = model(ids).logits
@@ -238,3 +238,43 @@ def test_router_policy_on_a_transformers_model_trains_and_chooses():
         for r in routers:
             torch.nn.init.constant_(r.head[-1].bias, -100.0)  # now every sequence goes sparse
         assert not torch.allclose(model(ids).logits, eager)
+
+
+def test_a_pinned_layer_carries_one_attnlab_attribute():
+    """A layer's whole setting (mechanism, options, HyLRA reuse, Flux route and router) is one
+    ``LayerSetting`` under ``attnlab``, whatever the policy asks for."""
+    from attnlab import Policy
+
+    model = _decoder(_llama, "eager", {})
+    layers = attnlab.hf.attention_layers(model)
+    assert not [n for layer in layers for n in dir(layer) if n.startswith("attnlab")]
+    opts = {"block_size": 4, "top_k": 2, "init_blocks": 1, "local_blocks": 1}
+    policies = (
+        Policy.router(2, sparse=("streaming", {"sinks": 1, "window": 3})),
+        Policy.reuse([-1, 0], **opts),
+        Policy.explicit([("sliding_window", {"window": 2}), "dense"]),
+    )
+    ids = torch.randint(0, 97, (2, 12))
+    for policy in policies:
+        attnlab.hf.apply_policy(model, policy)
+        with torch.no_grad():
+            model(ids)  # a forward records routing choices and selections: still one attribute
+        for layer, want in zip(layers, policy.layers):
+            assert [n for n in dir(layer) if n.startswith("attnlab")] == ["attnlab"]
+            setting = layer.attnlab
+            assert isinstance(setting, attnlab.hf.LayerSetting) and setting is attnlab.hf.setting(layer)
+            assert (setting.mechanism, setting.options) == (want.mechanism, want.options)
+            assert (setting.route is None, setting.router is None) == (want.route is None,) * 2
+            assert setting.reuse == (None if want.reuse is None else layers[want.reuse].layer_idx)
+    attnlab.hf.set_layer(layers[0], "dense")
+    assert [n for n in dir(layers[0]) if n.startswith("attnlab")] == ["attnlab"]
+    assert attnlab.hf.layer_setting(layers[0], None) == ("dense", {})
+
+
+def test_registration_is_read_through_the_public_interface():
+    from transformers import AttentionInterface
+
+    names = attnlab.hf.register()
+    assert attnlab.hf.POLICY in names and all(attnlab.hf.registered(n) for n in names)
+    assert set(names) <= set(AttentionInterface().keys())
+    assert not attnlab.hf.registered("attnlab_no_such_mechanism")

@@ -80,7 +80,6 @@ def test_selection_can_be_reused_by_a_later_call():
         ({"top_k": 0}, "top_k must be a positive int"),
         ({"block_size": 0}, "block_size must be a positive int"),
         ({"top_k": 3, "init_blocks": 2, "local_blocks": 2}, "top_k \\(the whole budget\\) must be >="),
-        ({"selection": "x"}, "selection must be a BlockSelection"),
     ],
 )
 def test_bad_options(opts, match):
@@ -92,3 +91,57 @@ def test_bad_options(opts, match):
 def test_mask_needs_the_data():
     with pytest.raises(ValueError, match="depends on q and k"):
         attnlab.mask("block_topk", 8, 8)
+
+
+def test_selection_is_a_keyword_not_an_option(capsys):
+    """``selection=`` is an argument of the call, not an option: no default, not in ``attnlab list``."""
+    from attnlab import cli
+
+    assert "selection" not in attnlab.get("block_topk").defaults
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "block_topk" in listed and "selection" not in listed
+
+
+def test_bad_selection_argument():
+    q, k, v = torch.randn(3, 1, 2, 16, 4)
+    opts = {"block_size": 4, "top_k": 2, "init_blocks": 1, "local_blocks": 1}
+    with pytest.raises(ValueError, match="selection must be a BlockSelection"):
+        attnlab.attention(q, k, v, "block_topk", causal=True, selection="x")
+    short = select(q[:, :, :8], k[:, :, :8], causal=True, **opts)
+    with pytest.raises(ValueError, match="selection must be a BlockSelection for T=16, S=16"):
+        attnlab.attention(q, k, v, "block_topk", causal=True, selection=short)
+    with pytest.raises(ValueError, match="selection must be a BlockSelection for T=16, S=16"):
+        attnlab.get("block_topk").reference(q, k, v, causal=True, selection=short)
+    sel = select(q, k, causal=True, **opts)
+    # a mechanism that does not select refuses the argument, on every entry point
+    refused = r"selection= is for mechanisms that select.*(dense|sliding_window) is a mask"
+    for call in (
+        lambda: attnlab.attention(q, k, v, "sliding_window", causal=True, window=4, selection=sel),
+        lambda: attnlab.attention_lse(q, k, v, "dense", causal=True, selection=sel),
+        lambda: attnlab.attention(q, k, v, "dense", causal=True, impl="reference", selection=sel),
+        lambda: attnlab.get("dense").reference(q, k, v, causal=True, selection=sel),
+    ):
+        with pytest.raises(ValueError, match=refused):
+            call()
+
+
+def test_given_selection_runs_on_the_fast_path_and_the_oracle_alike():
+    """Forward, LSE and gradients under a given selection match the dense oracle under the same one."""
+    q, q2 = torch.randn(2, 2, 4, 37, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 2, 37, 8, dtype=torch.float64)
+    opts = {"block_size": 8, "top_k": 3, "init_blocks": 1, "local_blocks": 1}
+    sel = select(q, k, causal=True, **opts)
+    leaves = [x.clone().requires_grad_() for x in (q2, k, v)]
+    got = attnlab.attention_lse(*leaves, "block_topk", causal=True, selection=sel, **opts)
+    got.out.square().sum().backward()
+    grads = [x.grad for x in leaves]
+    ref_leaves = [x.clone().requires_grad_() for x in (q2, k, v)]
+    want = attnlab.attention_lse(*ref_leaves, "block_topk", causal=True, impl="reference", selection=sel, **opts)
+    want.out.square().sum().backward()
+    torch.testing.assert_close(got.out, want.out)
+    torch.testing.assert_close(got.lse, want.lse)
+    for g, x in zip(grads, ref_leaves):
+        torch.testing.assert_close(g, x.grad)
+    oracle = attnlab.reference.attention(q2, k, v, sel.dense_mask().repeat_interleave(2, dim=1))
+    torch.testing.assert_close(want.out, oracle.out)

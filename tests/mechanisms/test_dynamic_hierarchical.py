@@ -165,3 +165,47 @@ def test_row_passes_do_not_change_the_selection(monkeypatch):
     for a, b in ((one.take, many.take), (one.cut, many.cut), (one.layout.kv_blocks, many.layout.kv_blocks)):
         assert torch.equal(a, b)
     assert torch.equal(one.layout.partial, many.layout.partial)
+
+
+def test_given_selection_equals_recomputing_and_is_not_recomputed(monkeypatch):
+    """``selection=`` takes DHSA's own selection: the same output (and gradients) as selecting again,
+    on the fast path and on the oracle, without calling select() a second time."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 40, 8, dtype=torch.float64, generator=g)
+    k, v = torch.randn(2, 2, 2, 40, 8, dtype=torch.float64, generator=g)
+    opts = {"chunking": "fixed", "chunk_size": 6, "budget": 13, "local": 3, "sinks": 2}
+    sel = attnlab.get("dynamic_hierarchical").select(q, k, causal=True, **opts)
+    fresh = attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True, **opts)
+
+    def refuse(*a, **kw):
+        raise AssertionError("select() ran although a selection was given")
+
+    monkeypatch.setattr(dhsa, "select", refuse)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    given = attnlab.attention(*leaves, "dynamic_hierarchical", causal=True, selection=sel, **opts)
+    torch.testing.assert_close(given, fresh, atol=0, rtol=0)
+    given.sum().backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = attnlab.attention(*ref_leaves, "dynamic_hierarchical", causal=True, impl="reference", selection=sel, **opts)
+    torch.testing.assert_close(given, ref)
+    ref.sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+    with pytest.raises(ValueError, match="selection must be a ChunkSelection for T=40, S=40"):
+        attnlab.attention(q, k, v, "dynamic_hierarchical", causal=True, selection=sel.layout, **opts)
+
+
+def test_given_selection_under_torch_compile_runs_eagerly_and_exactly():
+    """A selection cannot travel through the compiled op (a layout and a closure): the call runs
+    eagerly behind one graph break, with the same result as in eager mode."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(3, 1, 2, 32, 8, generator=g)
+    opts = {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1}
+    sel = attnlab.get("dynamic_hierarchical").select(q, k, causal=True, **opts)
+
+    def fn(q, k, v):
+        return attnlab.attention(q * 1, k, v, "dynamic_hierarchical", causal=True, selection=sel, **opts) * 2
+
+    torch._dynamo.reset()
+    assert len(torch._dynamo.explain(fn)(q, k, v).break_reasons) == 1
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, k, v), fn(q, k, v), atol=0, rtol=0)

@@ -77,9 +77,9 @@ def test_router_policy_json_round_trip():
 
 
 def test_reuse_in_the_lm_scores_once_per_source(monkeypatch):
-    calls = []
-    real = block_topk.select
-    monkeypatch.setattr(block_topk, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = []  # one ranking per select(): the record holds select() itself, so spy on what it calls
+    real = block_topk._rank_by_score
+    monkeypatch.setattr(block_topk, "_rank_by_score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     opts = {"block_size": 4, "top_k": 2, "init_blocks": 1, "local_blocks": 1}
     cfg = LMConfig(vocab_size=50, dim=32, n_layers=3, heads=4)
     torch.manual_seed(3)
@@ -106,3 +106,23 @@ def test_a_few_steps_of_training_lower_the_loss():
         lm.loss(ids).backward()
         opt.step()
     assert lm.loss(ids).item() < 0.7 * first
+
+
+def test_reuse_in_the_lm_works_for_any_selecting_mechanism(monkeypatch):
+    """DHSA layers reuse a source's selection as block_topk layers do: one selection per source, and
+    a budget covering every key makes the stack dense attention."""
+    from attnlab.mechanisms import dynamic_hierarchical as dhsa
+
+    calls = []
+    real = dhsa._decide
+    monkeypatch.setattr(dhsa, "_decide", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = LMConfig(vocab_size=50, dim=32, n_layers=3, heads=4)
+    opts = {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1}
+    TransformerLM(cfg, Policy.reuse([-1, 0, 0], sparse="dynamic_hierarchical", **opts))(_ids(T=24))
+    assert len(calls) == 1
+    full = {**opts, "budget": 24}
+    torch.manual_seed(3)
+    reused = TransformerLM(cfg, Policy.reuse([-1, 0, 0], sparse="dynamic_hierarchical", **full))
+    torch.manual_seed(3)
+    dense = TransformerLM(cfg)
+    torch.testing.assert_close(reused(_ids(T=24)).logits, dense(_ids(T=24)).logits, atol=1e-5, rtol=1e-5)

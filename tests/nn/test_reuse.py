@@ -101,9 +101,9 @@ def _llama(layers=4):
 
 
 def test_a_reuse_policy_really_reuses(monkeypatch):
-    calls = []
-    real = block_topk.select
-    monkeypatch.setattr(block_topk, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = []  # one ranking per select(): the record holds select() itself, so spy on what it calls
+    real = block_topk._rank_by_score
+    monkeypatch.setattr(block_topk, "_rank_by_score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     opts = {"block_size": 4, "top_k": 3, "init_blocks": 1, "local_blocks": 1}
     model = _llama()
     policy = Policy.reuse([-1, 0, 0, -1], **opts)
@@ -140,3 +140,40 @@ def test_bad_reuse_policies():
         Policy.explicit([attnlab.policy.Layer("dense"), attnlab.policy.Layer("block_topk", reuse=0)])
     with pytest.raises(ValueError, match="earlier block_topk"):
         Policy.explicit([attnlab.policy.Layer("block_topk", reuse=0)])
+    with pytest.raises(ValueError, match="earlier dynamic_hierarchical"):  # a selection of its own kind
+        Policy.explicit([attnlab.policy.Layer("block_topk"), attnlab.policy.Layer("dynamic_hierarchical", reuse=0)])
+
+
+def test_kept_blocks_read_from_the_layout_are_the_selected_blocks():
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 37, 8, generator=g)
+    k = torch.randn(2, 2, 37, 8, generator=g)
+    for causal in (True, False):
+        sel = block_topk.select(q, k, causal=causal, block_size=8, top_k=3, init_blocks=1, local_blocks=1)
+        assert torch.equal(reuse.kept_blocks(sel), sel.blocks)
+
+
+def test_reuse_works_for_any_selecting_mechanism(monkeypatch):
+    """HyLRA over DHSA: the profile runs, and a reuse policy selects once per computing layer."""
+    from attnlab.mechanisms import dynamic_hierarchical as dhsa
+
+    calls = []
+    real = dhsa._decide
+    monkeypatch.setattr(dhsa, "_decide", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    opts = {"chunking": "fixed", "chunk_size": 4, "budget": 9, "local": 2, "sinks": 1}
+    model = _llama()
+    ids = torch.randint(0, 97, (1, 24))
+    T, ratios = attnlab.hf.profile_reuse(model, {"input_ids": ids}, sparse="dynamic_hierarchical", **opts)
+    assert T.shape == (4, 4) and torch.equal(T.diagonal(), torch.ones(4, dtype=T.dtype))
+    assert ((T >= 0) & (T <= 1)).all() and all(0 < r <= 1 for r in ratios)
+    calls.clear()
+    attnlab.hf.apply_policy(model, Policy.reuse([-1, 0, 0, 0], sparse="dynamic_hierarchical", **opts))
+    with torch.no_grad():
+        reused = model(ids).logits
+    assert len(calls) == 1  # layer 0 selects; 1-3 attend over its selection
+    attnlab.hf.apply_policy(model, Policy.explicit([("dynamic_hierarchical", opts)] * 4))
+    with torch.no_grad():
+        own = model(ids).logits
+    assert len(calls) == 5 and not torch.allclose(reused, own)
+    with pytest.raises(ValueError, match="selects its keys"):
+        attnlab.hf.profile_reuse(model, {"input_ids": ids}, sparse="sliding_window")

@@ -30,7 +30,7 @@ from attnlab.kernels import BlockLayout, block_sparse_attention
 from attnlab.kernels.layout import causal_blocks, layout_from_blocks, query_positions
 from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
-DEFAULTS = {"block_size": 64, "top_k": 16, "init_blocks": 1, "local_blocks": 4, "selection": None}
+DEFAULTS = {"block_size": 64, "top_k": 16, "init_blocks": 1, "local_blocks": 4}
 
 
 class BlockSelection(NamedTuple):
@@ -58,13 +58,9 @@ def check_options(T: int, S: int, causal: bool, opts: dict) -> dict:
         "top_k": positive_int("top_k", opts["top_k"]),
         "init_blocks": nonnegative_int("init_blocks", opts["init_blocks"]),
         "local_blocks": nonnegative_int("local_blocks", opts["local_blocks"]),
-        "selection": opts["selection"],
     }
     if out["init_blocks"] + out["local_blocks"] > out["top_k"]:
         raise ValueError(f"top_k (the whole budget) must be >= init_blocks + local_blocks, got {out}")
-    sel = out["selection"]
-    if sel is not None and (not isinstance(sel, BlockSelection) or (sel.layout.T, sel.layout.S) != (T, S)):
-        raise ValueError(f"selection must be a BlockSelection for T={T}, S={S} (from select() on a same-shaped call)")
     return out
 
 
@@ -170,4 +166,5 @@ SPEC = Mechanism(
         quality=lambda L: {"block_size": max(1, L // 16), "top_k": 3, "init_blocks": 1, "local_blocks": 1}
     ),
     select=select,
+    selection_type=BlockSelection,
 )

@@ -273,9 +273,16 @@ def select(q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = N
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, **opts
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    selection: ChunkSelection | None = None,
+    **opts,
 ) -> AttentionOutput:
-    sel = select(q, k, causal=causal, scale=scale, **opts)
+    sel = select(q, k, causal=causal, scale=scale, **opts) if selection is None else selection
     return block_sparse_attention(q, k, v, sel.layout, scale=scale)
 
 
@@ -299,4 +306,5 @@ SPEC = Mechanism(
         },
     ),
     select=select,
+    selection_type=ChunkSelection,
 )

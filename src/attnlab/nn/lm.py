@@ -4,7 +4,7 @@
 
 Each layer's attention is ``attnlab.nn.Attention`` with the policy's mechanism and options; Flux
 layers (``route``) are ``RoutedAttention``; HyLRA layers (``reuse``) attend over an earlier layer's
-block selection. Positions: ``"rope"`` everywhere, ``"none"``, or ``"hype"`` (HyPE, MiniCPM-SALA
+selection. Positions: ``"rope"`` everywhere, ``"none"``, or ``"hype"`` (HyPE, MiniCPM-SALA
 arXiv 2602.11761 §7.4: RoPE in linear-family layers, none in softmax layers).
 """
 
@@ -54,16 +54,16 @@ def layer_attention(dim: int, heads: int, kv_heads: int | None, layer: Layer, *,
 
 def attend(attn: nn.Module, h: Tensor, selections: dict, index: int, reuse: int | None) -> tuple[Tensor, Tensor | None]:
     """Run layer ``index``'s attention on h [B, T, dim]: (output, the router's z [B] or None).
-    block_topk layers record their selection in ``selections``, or reuse layer ``reuse``'s (HyLRA)."""
+    Layers of a selecting mechanism record their selection in ``selections``, or reuse layer
+    ``reuse``'s (HyLRA)."""
     if isinstance(attn, RoutedAttention):
         return attn(h)
-    if attn.mechanism != "block_topk":
+    if not registry.get(attn.mechanism).selects:
         return attn(h), None
     q, k, v = attn.project(h)
-    opts = {key: val for key, val in attn.options.items() if key != "selection"}  # chosen here, per call
     common = {"causal": attn.causal, "scale": attn.scale}
-    sel = reuse_mod.shared_selection(selections, index, reuse, q, k, **common, **opts)
-    out = registry.attention(q, k, v, "block_topk", selection=sel, **common, **opts)
+    sel = reuse_mod.shared_selection(selections, index, reuse, attn.mechanism, q, k, **common, **attn.options)
+    out = registry.attention(q, k, v, attn.mechanism, selection=sel, **common, **attn.options)
     return attn.merge_heads(out), None
 
 
