@@ -45,8 +45,11 @@ Fast path: the dense fast softmax attention (PyTorch's fused kernel, or the bloc
 for bottom-right causal cross-attention) run twice, once per map: H signal maps and H/G noise maps.
 Neither T x S map is materialized. For the fused kernel each map's d-wide query is zero-extended to
 2d against the packed keys (exact; see ``_one_map``), which keeps the kernel at its fast width.
-The oracle materializes both maps and returns A1 − λA2 as the weights; there is no single
-softmax, so no log-sum-exp.
+The oracle materializes both maps and returns A1 − λA2 as the weights.
+
+No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism): each map is a softmax
+with its own LSE, but A1 − λA2 is a signed combination whose rows sum to 1 − λ, not one softmax,
+so no single LSE merges partial results over key shards (each map's would, separately).
 """
 
 from __future__ import annotations
@@ -221,6 +224,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="A1 - lam*A2: two softmax maps subtracted; each map has an LSE, their signed difference none",
     drop_in=False,  # q, k carry two maps in their halves: a layer must be built for it
     example=lambda S: {"lam": 0.7},
     workloads=Workloads(heads=4),

@@ -17,6 +17,12 @@
 
 UltraGen's global branch also runs depthwise convolutions and LoRA projections before attention;
 those belong to a layer and are left to the caller, as are its resize steps (we pool exactly).
+
+No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism). Each branch is one
+softmax with its own LSE (l_loc, l_glob), but the mix is not one softmax: written as a softmax over
+both key sets it would weight the local keys by g e^{-l_loc} and the pooled ones by (1 - g) e^{-l_glob},
+constants that depend on every key of each branch. Partial results over key shards therefore merge
+branch by branch, with two LSEs per row; no single LSE can merge the mixed outputs.
 """
 
 from __future__ import annotations
@@ -164,6 +170,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="two softmaxes (window keys, pooled keys) mixed by a gate: each branch has an LSE, the mix none",
     example=lambda S: {"window": 5, "pool": 3, "gate": 0.3},
     workloads=Workloads(quality=lambda L: {"window": L // 4, "pool": 8}, reach="window"),
     oracle=oracle,
