@@ -84,9 +84,8 @@ def compare_to_reference(
     leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
     ref_leaves = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
     has_lse = registry.get(mechanism).has_lse
-    run = registry.attention_lse if has_lse else _without_lse
-    got = run(*leaves, mechanism, causal=causal, scale=scale, impl=impl, **options)
-    want = run(*ref_leaves, mechanism, causal=causal, scale=scale, impl="reference", **options)
+    got = attention_output(*leaves, mechanism, causal=causal, scale=scale, impl=impl, **options)
+    want = attention_output(*ref_leaves, mechanism, causal=causal, scale=scale, impl="reference", **options)
     problems = [p for p in [_close("out", got.out, want.out, *o_tol)] if p]
     if got.out.dtype != q.dtype:
         problems.append(f"out dtype {got.out.dtype} != q dtype {q.dtype}")
@@ -115,8 +114,11 @@ def compare_to_reference(
     return problems
 
 
-def _without_lse(q, k, v, mechanism, **kwargs):
-    """``attention`` in ``attention_lse``'s shape, for mechanisms without an LSE (lse None)."""
+def attention_output(q: Tensor, k: Tensor, v: Tensor, mechanism: str, **kwargs) -> AttentionOutput:
+    """``attention_lse`` for a mechanism with an LSE, ``(attention(...), None)`` for one without
+    (``attention_lse`` refuses those): one call for tests that loop over the registry."""
+    if registry.get(mechanism).has_lse:
+        return registry.attention_lse(q, k, v, mechanism, **kwargs)
     return AttentionOutput(registry.attention(q, k, v, mechanism, **kwargs), None)
 
 
