@@ -32,7 +32,8 @@ Not routed through the op (``traced``): dense SDPA, which PyTorch compiles nativ
 (``TRACED`` below). A call the op cannot carry runs eagerly behind exactly one graph break
 (``torch._dynamo.disable``): a precomputed ``selection=`` object, an option value that is not
 None/bool/int/float/str/tuple/list/Tensor, a tensor option that requires grad (the op would drop
-its gradient), or ``attention_lse`` of a mechanism whose record has no LSE (which then raises).
+its gradient), or a need_lse call on a record without ``has_lse`` (``attention_lse`` refuses those
+before they get here).
 """
 
 from __future__ import annotations
