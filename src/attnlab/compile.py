@@ -32,7 +32,8 @@ Not routed through the op (``traced``): dense SDPA, which PyTorch compiles nativ
 (``Impl.traced`` on the mechanism's record). A call the op cannot carry runs eagerly behind exactly one graph break
 (``torch._dynamo.disable``): a precomputed ``selection=`` object, an option value that is not
 None/bool/int/float/str/tuple/list/Tensor, a tensor option that requires grad (the op would drop
-its gradient), or ``attention_lse`` of a mechanism without an executor LSE.
+its gradient), or a need_lse call on a record without ``has_lse`` (``attention_lse`` refuses those
+before they get here).
 """
 
 from __future__ import annotations
@@ -285,8 +286,7 @@ def run(q, k, v, mech, causal, scale, impl: str, options: dict, need_lse: bool, 
     if selection is not None:
         return _eager_break(q, k, v, mech.name, causal, scale, impl, options, need_lse, selection)
     packed = encode(causal, options)
-    lse_ok = mech.layout is not None or mech.select is not None  # the executor returns an LSE
-    if packed is None or (need_lse and not lse_ok) or any(t.requires_grad for t in packed.tensors):
+    if packed is None or (need_lse and not mech.has_lse) or any(t.requires_grad for t in packed.tensors):
         return _eager_break(q, k, v, mech.name, causal, scale, impl, options, need_lse)
     check_qkv(q, k, v)  # shape errors raise while tracing; option errors raise inside the op
     scale = None if scale is None else resolve_scale(scale, q.shape[-1])

@@ -37,7 +37,15 @@ class Shapes(NamedTuple):
 
 
 class AttentionOutput(NamedTuple):
-    """``out [B, H, T, Dv]`` in q's dtype and ``lse [B, H, T]`` in at least fp32 (``-inf`` = no key)."""
+    """``out [B, H, T, Dv]`` in q's dtype and ``lse [B, H, T]`` in at least fp32 (``-inf`` = no key).
+
+    From ``attnlab.attention_lse`` the LSE is always a tensor: the log-sum-exp of the mechanism's
+    softmax, by which partial results over disjoint key sets merge exactly (:func:`merge_lse`).
+    Mechanisms whose record says ``has_lse=False`` (no softmax, or several combined) are refused
+    there with the record's ``no_lse`` reason. Inside, an impl of such a mechanism returns
+    ``lse=None``, and so may a fast path that refuses ``need_lse`` in its ``supports`` (public SDPA
+    off the CPU); ``attention`` reads only ``out``.
+    """
 
     out: Tensor
     lse: Tensor

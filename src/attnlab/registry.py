@@ -159,8 +159,18 @@ def attention_lse(
     selection=None,
     **options,
 ) -> AttentionOutput:
-    """Like :func:`attention` but returns ``(out, lse)``; lse [B,H,T] is ``-inf`` on rows with no key."""
-    return _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True, selection=selection)
+    """Like :func:`attention` but returns ``(out, lse)``; lse [B,H,T] is ``-inf`` on rows with no key.
+
+    Only for mechanisms whose record has ``has_lse``; any other raises ValueError with the record's
+    ``no_lse`` reason before computing anything. Every impl that accepts ``need_lse`` returns one.
+    """
+    mech = get(mechanism)
+    if not mech.has_lse:
+        raise ValueError(f"{mech.name} has no log-sum-exp, so attention_lse cannot serve it: {mech.no_lse}")
+    res = _run(q, k, v, mechanism, causal, scale, impl, options, need_lse=True, selection=selection)
+    if res.lse is None:  # a broken record or impl: has_lse promised an LSE its supports() did not refuse
+        raise RuntimeError(f"{mech.name} (impl={impl!r}) returned no LSE although its record has has_lse=True")
+    return res
 
 
 def mask(mechanism: str, T: int, S: int, *, causal=False, kv_heads: int | None = None, **options) -> Tensor:

@@ -74,7 +74,10 @@ class Mechanism:
     impls: dict[str, Impl]  # fastest first: impl="auto" takes the first that supports the call
     check_options: Callable[[int, int, object, dict], dict]
     defaults: dict = field(default_factory=dict)
-    has_lse: bool = True  # attention_lse returns a true log-sum-exp of its softmax
+    # attention_lse returns the log-sum-exp of its softmax: partial results over disjoint key sets
+    # merge exactly by it (core.merge_lse), as context parallelism and streaming capture need
+    has_lse: bool = True
+    no_lse: str | None = None  # why not, in one line: given exactly when has_lse is False
     drop_in: bool = True  # can stand in for a pretrained softmax attention layer (HF, nn.Attention)
     patterns: frozenset[str] = ALL_PATTERNS
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
@@ -105,6 +108,9 @@ class Mechanism:
             raise TypeError(f"{self.name}: a {self.kind.value} mechanism needs {', '.join(missing)}")
         if self.kind is Kind.MASK and "blocksparse" not in self.impls:
             object.__setattr__(self, "impls", {**self.impls, "blocksparse": Impl(self.blocksparse)})
+        one_line = self.no_lse is None or (bool(self.no_lse.strip()) and "\n" not in self.no_lse)
+        if self.has_lse != (self.no_lse is None) or not one_line:
+            raise TypeError(f"{self.name}: has_lse=False needs a one-line no_lse reason, and has_lse=True none")
 
     @property
     def selects(self) -> bool:

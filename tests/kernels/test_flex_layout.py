@@ -25,6 +25,7 @@ from attnlab.kernels.flex import flex_on_cpu, layout_block_mask
 from attnlab.kernels.layout import layout_from_blocks
 from attnlab.mechanisms import document
 from attnlab.reference import query_head_mask
+from attnlab.testing import attention_output
 
 MASK_MECHS = [m.name for m in attnlab.registry.MECHANISMS if m.layout is not None]
 SIZES = {"self": (36, 36), "self_causal": (36, 36), "cross": (37, 53), "cross_causal": (37, 53)}
@@ -113,8 +114,8 @@ def test_flex_path_matches_the_oracle(name, pattern):
     for H, Hkv in HEADS:
         q, k, v = (torch.randn(2, h, n, 16, dtype=torch.float64) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
         with block_size(16), flex_on_cpu("eager"):
-            got = attnlab.attention_lse(q, k, v, name, causal=causal, impl=impl, **mech.example(S))
-        ref = attnlab.attention_lse(q, k, v, name, causal=causal, impl="reference", **mech.example(S))
+            got = attention_output(q, k, v, name, causal=causal, impl=impl, **mech.example(S))
+        ref = attention_output(q, k, v, name, causal=causal, impl="reference", **mech.example(S))
         torch.testing.assert_close(got.out, ref.out, atol=1e-10, rtol=1e-10)
         if ref.lse is not None:
             torch.testing.assert_close(got.lse, ref.lse, atol=1e-10, rtol=1e-10)

@@ -74,6 +74,31 @@ def test_lambda_zero_is_plain_attention_over_the_signal_heads(causal, T, S, H, H
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize(("causal", "T", "S"), [(False, 11, 11), (True, 11, 11), (True, 7, 13), (True, 13, 7)])
+def test_maps_have_each_softmax_lse_and_subtract_into_the_output(causal, T, S):
+    """differential has no LSE (attention_lse refuses it), but each map is one softmax: ``maps``
+    returns both with their LSEs, equal to the dense oracle's (GDA groups, GQA, causal cross)."""
+    from attnlab import reference
+
+    q, k, v = qkv(H=4, Hkv=2, T=T, S=S)
+    signal, noise = differential.maps(q, k, v, causal=causal, groups=2, lam=0.3)
+    d = q.shape[-1] // 2
+    q2 = q[..., d:].unflatten(1, (2, 2)).mean(2)  # [B, H/G, T, d]: each group's mean noise query
+    want = (
+        reference.attention(q[..., :d], k[..., :d], v, causal=causal, scale=d**-0.5),
+        reference.attention(q2, k[..., d:], v, causal=causal, scale=d**-0.5),
+    )
+    for got, ref in zip((signal, noise), want):
+        torch.testing.assert_close(got.out, ref.out, atol=1e-12, rtol=1e-12)
+        empty = torch.isneginf(ref.lse)
+        assert torch.equal(torch.isneginf(got.lse), empty) and empty.any() == (causal and T > S)
+        torch.testing.assert_close(got.lse[~empty], ref.lse[~empty], atol=1e-12, rtol=1e-12)
+    out = attnlab.attention(q, k, v, "differential", causal=causal, groups=2, lam=0.3)
+    torch.testing.assert_close(out, signal.out - 0.3 * noise.out.repeat_interleave(2, dim=1), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="groups=4 must divide"):
+        differential.maps(q, k, v, groups=4)
+
+
 def test_identical_maps_with_lambda_one_cancel_and_empty_rows_are_zero():
     q, k, v = qkv(T=9, S=4)
     q, k = torch.cat([q[..., :4]] * 2, -1), torch.cat([k[..., :4]] * 2, -1)

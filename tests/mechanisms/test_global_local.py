@@ -48,6 +48,46 @@ def test_grid_branches_and_oracle():
 
 
 @pytest.mark.parametrize(
+    ("T", "S", "causal", "opts"),
+    [
+        (40, 40, True, {"window": 6, "pool": 4}),
+        (13, 29, True, {"window": 5, "pool": 3}),  # cross: a trailing partial pooled block
+        (29, 13, False, {"window": 5, "pool": 3}),
+        (48, 48, False, {"shape": (6, 8), "kernel_size": 3, "pool": (2, 4)}),
+    ],
+)
+def test_branches_have_the_oracles_lses_and_mix_into_the_output(T, S, causal, opts):
+    """global_local has no LSE (attention_lse refuses it), but each branch is one softmax:
+    ``branches`` returns both with their LSEs, equal to the dense oracle's per branch."""
+    from attnlab import reference
+    from attnlab.mechanisms import global_local, neighborhood
+
+    q, k, v = qkv(T=T, S=S)
+    local, glob = global_local.branches(q, k, v, causal=causal, **opts, gate=0.3)
+    if "shape" in opts:
+        local_mask = neighborhood.mask(T, S, shape=opts["shape"], kernel_size=opts["kernel_size"])
+    else:
+        local_mask = attnlab.mask("sliding_window", T, S, causal=causal, window=opts["window"])
+    want_local = reference.attention(q, k, v, local_mask)
+    kp, vp = (global_local.pool_kv(x, opts.get("shape"), opts["pool"]) for x in (k, v))
+    if causal:  # a pooled block is seen once its last member is in the past
+        pos = torch.arange(T).view(T, 1) + S - T
+        glob_mask = (torch.arange(kp.shape[2]).view(1, -1) + 1) * opts["pool"] - 1 <= pos
+        want_glob = reference.attention(q, kp, vp, glob_mask)
+    else:
+        want_glob = reference.attention(q, kp, vp)
+    for got, want in ((local, want_local), (glob, want_glob)):
+        torch.testing.assert_close(got.out, want.out, atol=1e-12, rtol=1e-12)
+        empty = torch.isneginf(want.lse)
+        assert torch.equal(torch.isneginf(got.lse), empty)
+        torch.testing.assert_close(got.lse[~empty], want.lse[~empty], atol=1e-12, rtol=1e-12)
+    mixed = attnlab.attention(q, k, v, "global_local", causal=causal, **opts, gate=0.3)
+    torch.testing.assert_close(mixed, 0.3 * local.out + 0.7 * glob.out, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="pool must be a positive int"):
+        global_local.branches(q, k, v, causal=causal, pool=0)
+
+
+@pytest.mark.parametrize(
     ("opts", "causal", "match"),
     [
         ({"gate": 1.5}, False, "gate must be a float in \\[0, 1\\]"),

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab
+from attnlab.core import merge_lse
 from attnlab.kernels import block_size
 from attnlab.nn import Attention, MoHAttention
 from attnlab.nn.moh import load_balance_loss, top_k_mask
@@ -43,6 +44,26 @@ def test_core_without_gates_is_dense_and_zero_gates_give_exact_zeros():
     dense = attnlab.attention(q, k, v)
     assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])) and torch.equal(out[:, 3], out[:, 3] * 0)
     torch.testing.assert_close(out[:, 2], 2 * dense[:, 2])
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa", "blocksparse"])
+def test_lse_merges_gated_partials_over_key_shards(impl):
+    """moh's LSE is the softmax's: gated results over two disjoint key shards, merged by their LSEs
+    (what context parallelism does), equal the gated result over all keys (moh.py's docstring)."""
+    q = torch.randn(2, 4, 11, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 2, 20, 8, dtype=torch.float64)
+    gates = random_gates(2, 4, 11, seed=5)  # a third of the rows exactly 0
+    full = attnlab.attention_lse(q, k, v, "moh", impl=impl, gates=gates)
+    shards = (slice(0, 9), slice(9, None))
+    parts = [attnlab.attention_lse(q, k[:, :, s], v[:, :, s], "moh", impl=impl, gates=gates) for s in shards]
+    merged = merge_lse(parts[0].out, parts[0].lse, parts[1].out, parts[1].lse)
+    torch.testing.assert_close(merged.out, full.out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(merged.lse, full.lse, atol=1e-12, rtol=1e-12)
+    off = (gates == 0).squeeze(-1)  # [B, H, T]: routed-off rows
+    assert off.any() and torch.equal(full.out[off], torch.zeros_like(full.out[off]))
+    assert torch.isfinite(full.lse[off]).all()
+    dense = attnlab.attention_lse(q, k, v, impl="reference")
+    torch.testing.assert_close(full.lse, dense.lse, atol=1e-12, rtol=1e-12)  # the gates leave the LSE alone
 
 
 def test_core_oracle_gradcheck():

@@ -17,7 +17,8 @@ contiguous GQA gathers nothing). Only the kv heads each call reads are gathered 
 pair group, never T x S). On CPU, groupings that need several calls run as one call on per-head
 gathered k/v instead: the CPU kernel repeats kv heads for GQA anyway, so memory is the same and one
 call is faster. The dense call is PyTorch's fused SDPA, or the block-sparse executor for
-bottom-right causal cross-attention.
+bottom-right causal cross-attention. Off the CPU public SDPA returns no LSE, so ``attention_lse``
+there takes the ``blocksparse`` impl: the same plan with every dense call on the executor.
 
 Grouping options (each of ``key_groups`` and ``value_groups``):
 
@@ -141,6 +142,16 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale) -> AttentionOut
     return dense.blocksparse(q, k, v, causal=causal, scale=scale)
 
 
+def _executor(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale) -> AttentionOutput:
+    return dense.blocksparse(q, k, v, causal=causal, scale=scale)
+
+
+def sdpa_supports(q: Tensor, k: Tensor, v: Tensor, causal: bool, need_lse: bool = False, **_) -> str | None:
+    if need_lse and q.device.type != "cpu":
+        return "public SDPA returns no log-sum-exp off CPU"
+    return None
+
+
 def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     """The SDPA layout with independent head counts: q [B,H,T,D], k [B,Hk,S,D], v [B,Hv,S,Dv]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -171,6 +182,25 @@ def attention(
 
     Query head h attends with key head ``key_groups[h]`` and value head ``value_groups[h]``.
     """
+    return _grouped(q, k, v, causal, scale, key_groups, value_groups, _dense)
+
+
+def blocksparse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_groups=None,
+    value_groups=None,
+) -> AttentionOutput:
+    """:func:`attention` with every dense call on the executor: an LSE on every device."""
+    return _grouped(q, k, v, causal, scale, key_groups, value_groups, _executor)
+
+
+def _grouped(q, k, v, causal, scale, key_groups, value_groups, run) -> AttentionOutput:
+    """The pair-group plan (module docstring), each bucket one ``run(q, k, v, causal, scale)``."""
     check_shapes(q, k, v)
     kg = resolve_groups("key_groups", key_groups, q.shape[1], k.shape[1])
     vg = resolve_groups("value_groups", value_groups, q.shape[1], v.shape[1])
@@ -179,7 +209,7 @@ def attention(
         # The CPU kernel repeats kv heads for GQA anyway, so one call on per-head gathered k/v holds
         # the same memory, and it measured ~20% faster than one call per group size (2 cores, T=4K).
         buckets, inverse = (Bucket(tuple(range(q.shape[1])), kg, vg),), None
-    parts = [_dense(_take(q, b.heads), _take(k, b.keys), _take(v, b.values), causal, scale) for b in buckets]
+    parts = [run(_take(q, b.heads), _take(k, b.keys), _take(v, b.values), causal, scale) for b in buckets]
     out = torch.cat([p.out for p in parts], dim=1) if len(parts) > 1 else parts[0].out  # [B, H, T, Dv], bucketed
     lse = None if any(p.lse is None for p in parts) else torch.cat([p.lse for p in parts], dim=1)
     if inverse is not None:
@@ -209,7 +239,7 @@ SPEC = Mechanism(
     "dha",
     "DHA (decoupled-head attention), arXiv 2406.06567",
     Kind.COMPOSITE,  # dense per head; the groupings route query heads to kv heads: its own oracle
-    {"grouped_sdpa": Impl(attention, traced=True)},
+    {"grouped_sdpa": Impl(attention, sdpa_supports, traced=True), "blocksparse": Impl(blocksparse)},
     check_options,
     DEFAULTS,
     example=lambda S: {"key_groups": "strided", "value_groups": "contiguous"},

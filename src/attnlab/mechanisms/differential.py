@@ -45,8 +45,12 @@ Fast path: the dense fast softmax attention (PyTorch's fused kernel, or the bloc
 for bottom-right causal cross-attention) run twice, once per map: H signal maps and H/G noise maps.
 Neither T x S map is materialized. For the fused kernel each map's d-wide query is zero-extended to
 2d against the packed keys (exact; see ``_one_map``), which keeps the kernel at its fast width.
-The oracle materializes both maps and returns A1 − λA2 as the weights; there is no single
-softmax, so no log-sum-exp.
+The oracle materializes both maps and returns A1 − λA2 as the weights.
+
+No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism): each map is a softmax
+with its own LSE, but A1 − λA2 is a signed combination whose rows sum to 1 − λ, not one softmax,
+so no single LSE merges partial results over key shards (each map's would, separately).
+:func:`maps` returns both maps' outputs with their LSEs, for callers that merge them so.
 """
 
 from __future__ import annotations
@@ -115,16 +119,19 @@ def _half_mask(like: Tensor, which: int) -> Tensor:
     return mask
 
 
-def _one_map(q_ext: Tensor, k: Tensor, v: Tensor, which: int, causal: bool, scale: float) -> Tensor:
+def _one_map(
+    q_ext: Tensor, k: Tensor, v: Tensor, which: int, causal: bool, scale: float, need_lse: bool = False
+) -> AttentionOutput:
     """One softmax map, never materialized. q_ext [B, h, T, 2d] holds the map's query in its which-th
-    half and zeros in the other, so q_ext · k over 2d is the map's logit q_half · k_half."""
+    half and zeros in the other, so q_ext · k over 2d is the map's logit q_half · k_half (and the
+    LSE over those logits is the map's)."""
     d = q_ext.shape[-1] // 2
-    if dense.sdpa_supports(q_ext, k, v, causal) is None:
+    if dense.sdpa_supports(q_ext, k, v, causal, need_lse) is None:
         # The fused CPU kernel wants one head width for q, k and v and runs d = 32 slower than
         # 64: at 2d against the packed keys it reads k as it is, with no copy or padding of k.
-        return dense.sdpa(q_ext, k, v, causal=causal, scale=scale).out
+        return dense.sdpa(q_ext, k, v, causal=causal, scale=scale)
     half = slice(which * d, (which + 1) * d)
-    return dense.blocksparse(q_ext[..., half], k[..., half], v, causal=causal, scale=scale).out
+    return dense.blocksparse(q_ext[..., half], k[..., half], v, causal=causal, scale=scale)
 
 
 def _differential(q_signal: Tensor, q_noise: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, lam) -> Tensor:
@@ -133,8 +140,8 @@ def _differential(q_signal: Tensor, q_noise: Tensor, k: Tensor, v: Tensor, causa
     (B, H, T, _), Hn, Dv = q_signal.shape, q_noise.shape[1], v.shape[-1]
     ct = compute_dtype(q_signal.dtype)
     lam = _lam(lam, H, ct, q_signal.device)
-    signal = _one_map(q_signal, k, v, 0, causal, scale).to(ct).unflatten(1, (Hn, H // Hn))  # [B, H/G, G, T, Dv]
-    noise = _one_map(q_noise, k, v, 1, causal, scale).to(ct).unsqueeze(2)  # [B, H/G, 1, T, Dv]
+    signal = _one_map(q_signal, k, v, 0, causal, scale).out.to(ct).unflatten(1, (Hn, H // Hn))  # [B, H/G, G, T, Dv]
+    noise = _one_map(q_noise, k, v, 1, causal, scale).out.to(ct).unsqueeze(2)  # [B, H/G, 1, T, Dv]
     # the G signal heads of a group meet their one noise map by broadcasting, not by a copy
     if isinstance(lam, Tensor):
         out = torch.addcmul(signal, lam.view(1, Hn, H // Hn, 1, 1), noise, value=-1.0)
@@ -180,6 +187,26 @@ def split_attention(
     return _differential(q_signal, q_noise, k, v, causal, scale, lam)
 
 
+def _queries(q: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """(Q1 | 0) [B, H, T, 2d] and (0 | mean of each group's Q2) [B, H/G, T, 2d]."""
+    return q * _half_mask(q, 0), group_noise_queries(q, groups) * _half_mask(q, 1)
+
+
+def maps(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, **options
+) -> tuple[AttentionOutput, AttentionOutput]:
+    """The two softmax maps apart, packed layout as :func:`attention`: signal A1 V (out [B, H, T, Dv],
+    lse [B, H, T]) and noise A2 V (out [B, H/G, T, Dv], lse [B, H/G, T]), each with its LSE.
+    ``attention`` returns signal − λ · noise (signal head i reads noise head i // G); each map merges
+    over key shards by its own LSE (the module docstring says why the difference has none)."""
+    d = _half(q, k, v)
+    opts = SPEC.resolve(q.shape[2], k.shape[2], causal, options)
+    _check_groups(opts["groups"], q.shape[1], k.shape[1])
+    q_signal, q_noise = _queries(q, opts["groups"])
+    scale = resolve_scale(scale, d)
+    return _one_map(q_signal, k, v, 0, causal, scale, True), _one_map(q_noise, k, v, 1, causal, scale, True)
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, lam=0.8, groups: int = 1
 ) -> AttentionOutput:
@@ -187,8 +214,7 @@ def attention(
     k [B, Hkv, S, 2d], v [B, Hkv, S, Dv] -> out [B, H, T, Dv]; no LSE (not one softmax)."""
     d = _half(q, k, v)
     _check_groups(groups, q.shape[1], k.shape[1])
-    q_signal = q * _half_mask(q, 0)  # (Q1 | 0)
-    q_noise = group_noise_queries(q, groups) * _half_mask(q, 1)  # (0 | mean of the group's Q2)
+    q_signal, q_noise = _queries(q, groups)
     out = _differential(q_signal, q_noise, k, v, causal, resolve_scale(scale, d), lam)
     return AttentionOutput(out, None)
 
@@ -221,6 +247,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="A1 - lam*A2: two softmax maps subtracted; each map has an LSE, their signed difference none",
     drop_in=False,  # q, k carry two maps in their halves: a layer must be built for it
     example=lambda S: {"lam": 0.7},
     workloads=Workloads(heads=4),

@@ -22,7 +22,9 @@ Spec ambiguities resolved here (the spec has no section for this mechanism):
   weights, and the uniform default (plain average over the allowed keys) is then W = 1.
 * Causal is bottom-right (query i sits at key i + S − T), as everywhere in the library; rows with
   no allowed key, or with zero total weight, output exactly 0 for every kind.
-* No kind has a log-sum-exp; both paths return ``lse=None``.
+* No kind has a log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism): none is
+  a softmax. "fixed" and "relu" rows divide by a plain row sum, "sigmoid" rows by nothing, so both
+  paths return ``lse=None``.
 
 The fast path runs over chunks of queries under activation checkpointing, so the scores it holds
 are [B, H, chunk, S] (``CHUNK_ELEMENTS`` at most) in the forward and the backward alike; causal
@@ -231,6 +233,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="no softmax: fixed patterns and ReLU are normalized by a plain row sum, sigmoid not at all",
     drop_in=False,  # not softmax weights: no stand-in for a pretrained softmax layer
     example=lambda S: {"kind": "relu"},
     workloads=Workloads(efficiency=lambda T: {"kind": "sigmoid"}),  # uniform is a prefix mean; time q.k scores

@@ -17,6 +17,13 @@
 
 UltraGen's global branch also runs depthwise convolutions and LoRA projections before attention;
 those belong to a layer and are left to the caller, as are its resize steps (we pool exactly).
+
+No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism). Each branch is one
+softmax with its own LSE (l_loc, l_glob), but the mix is not one softmax: written as a softmax over
+both key sets it would weight the local keys by g e^{-l_loc} and the pooled ones by (1 - g) e^{-l_glob},
+constants that depend on every key of each branch. Partial results over key shards therefore merge
+branch by branch, with two LSEs per row; no single LSE can merge the mixed outputs.
+:func:`branches` returns both branches with their LSEs, for callers that merge them so.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab import reference as _reference
-from attnlab.core import AttentionOutput, int_tuple, positive_int
+from attnlab.core import AttentionOutput, check_qkv, int_tuple, positive_int
 from attnlab.kernels import block_sizes, block_sparse_attention, build_layout
 from attnlab.kernels.layout import query_positions
-from attnlab.mechanisms import neighborhood, sliding_window
+from attnlab.mechanisms import dense, neighborhood, sliding_window
 from attnlab.spec import Impl, Kind, Mechanism, Workloads
 
 DEFAULTS = {"shape": None, "window": 256, "kernel_size": 7, "pool": 8, "gate": 0.5}
@@ -107,6 +114,37 @@ def _gate(gate, like: Tensor):
     return gate.to(like.dtype) if isinstance(gate, Tensor) else gate
 
 
+def _branches(q, k, v, causal, scale, shape, window, kernel_size, pool, need_lse: bool):
+    """(local, global) AttentionOutputs; the global LSE is None when not ``need_lse`` and non-causal."""
+    if shape is None:
+        local = sliding_window.SPEC.blocksparse(q, k, v, causal=causal, scale=scale, window=window)
+    else:
+        local = neighborhood.SPEC.blocksparse(q, k, v, causal=False, scale=scale, **_grid(shape, kernel_size))
+    kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)  # [B, Hkv, n, D], [B, Hkv, n, Dv]
+    if causal:
+        lay = _global_layout(q.shape[2], k.shape[2], pool, block_sizes(q.device))
+        glob = block_sparse_attention(q, kp, vp, lay, scale=scale)
+    elif need_lse:  # the executor gives an LSE on every device; public SDPA only on the CPU
+        glob = dense.blocksparse(q, kp, vp, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, kp, vp, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        glob = AttentionOutput(out, None)
+    return local, glob
+
+
+def branches(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, **options
+) -> tuple[AttentionOutput, AttentionOutput]:
+    """The two softmax branches apart, each (out [B, H, T, Dv], lse [B, H, T]): local over the
+    window (or grid neighbourhood) keys, global over the pooled keys. ``attention`` returns
+    ``gate * local.out + (1 - gate) * global.out``; each branch merges over key shards by its own
+    LSE (the module docstring says why the mix has none). Options as ``attnlab.attention``'s."""
+    check_qkv(q, k, v)
+    opts = SPEC.resolve(q.shape[2], k.shape[2], causal, options)
+    opts.pop("gate")
+    return _branches(q, k, v, causal, scale, need_lse=True, **opts)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -120,19 +158,9 @@ def attention(
     pool=8,
     gate=0.5,
 ) -> AttentionOutput:
-    if shape is None:
-        local = sliding_window.SPEC.blocksparse(q, k, v, causal=causal, scale=scale, window=window).out
-    else:
-        grid = _grid(shape, kernel_size)
-        local = neighborhood.SPEC.blocksparse(q, k, v, causal=False, scale=scale, **grid).out
-    kp, vp = pool_kv(k, shape, pool), pool_kv(v, shape, pool)
-    if causal:
-        lay = _global_layout(q.shape[2], k.shape[2], pool, block_sizes(q.device))
-        glob = block_sparse_attention(q, kp, vp, lay, scale=scale).out
-    else:
-        glob = F.scaled_dot_product_attention(q, kp, vp, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    g = _gate(gate, local)
-    return AttentionOutput(g * local + (1 - g) * glob, None)
+    local, glob = _branches(q, k, v, causal, scale, shape, window, kernel_size, pool, need_lse=False)
+    g = _gate(gate, local.out)
+    return AttentionOutput(g * local.out + (1 - g) * glob.out, None)
 
 
 def oracle(
@@ -170,6 +198,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="two softmaxes (window keys, pooled keys) mixed by a gate: each branch has an LSE, the mix none",
     example=lambda S: {"window": 5, "pool": 3, "gate": 0.3},
     workloads=Workloads(quality=lambda L: {"window": L // 4, "pool": 8}, reach="window"),
     oracle=oracle,

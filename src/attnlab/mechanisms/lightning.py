@@ -20,6 +20,8 @@ forms (parallel oracle, chunked fast path, recurrent decoding) are linear.py's, 
   the bottom-right positions ``p_t = t + S - T``.
 * On CUDA, causal calls run flash-linear-attention's ``chunk_simple_gla`` with
   ``g_gamma = log(gamma_h)`` (the ``fla`` impl, kernels/fla.py); elsewhere the torch chunked path.
+* No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses it): no softmax and no normalizer,
+  so partial results over key shards simply add.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="no softmax: decayed linear attention with no normalizer at all (spec §7.2)",
     drop_in=False,
     example=lambda S: {"chunk_size": 8},
     oracle=oracle,

@@ -39,6 +39,10 @@ so one decode step costs O(D * Dv) whatever came before.
 
 On CUDA, causal calls run flash-linear-attention's chunk kernels instead (``kernels/fla.py``, the
 ``fla`` impl, fla-core installed): the same rule, mapped onto fla's conventions there.
+
+No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism): there is no softmax.
+A normalized map's row is num / den with den a plain sum of feature products, so partial results
+over key shards merge by adding (num, den), not by an LSE; identity features have no normalizer.
 """
 
 from __future__ import annotations
@@ -242,6 +246,7 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="no softmax: rows are normalized by a sum of feature-map products (identity maps: none)",
     drop_in=False,
     example=lambda S: {"chunk_size": 8},
     oracle=oracle,

@@ -9,11 +9,22 @@ top-k and the gate constants live in ``attnlab.nn.MoHAttention``, which computes
 passes them here. ``gates`` is None (every gate 1: exactly dense attention) or a tensor that
 broadcasts to [B, H, T, 1], the layout of global_local's gate. A gate of exactly 0 (a routed head
 a token did not select) gives an exact 0 for that row, whatever the attention row holds (spec
-§1.7: inactive heads are computed then zeroed, never NaN * 0). Not one softmax, so no LSE.
+§1.7: inactive heads are computed then zeroed, never NaN * 0).
+
+LSE: ``attention_lse`` returns the log-sum-exp of the underlying softmax, gates left out. That is
+the quantity partial results merge by: over disjoint key sets A and B with partial softmax outputs
+O_A, O_B and LSEs l_A, l_B, the full row is O = e^{l_A - l} O_A + e^{l_B - l} O_B with
+l = log(e^{l_A} + e^{l_B}), and the gate g of a (token, head) row is one constant for both parts, so
+
+    g O = e^{l_A - l} (g O_A) + e^{l_B - l} (g O_B):
+
+gated partials merged by the softmax's LSE are the gated merge (``core.merge_lse``; tested in
+tests/mechanisms/test_moh.py). A gate of 0 keeps the row's finite LSE and an exactly-0 output.
 
 The fast path is the dense one (SDPA; the executor for bottom-right causal cross attention) plus
 the gate: skipping single inactive (token, head) rows would cost a gather larger than the work it
-saves on CPU.
+saves on CPU. Off the CPU public SDPA returns no LSE, so ``attention_lse`` there takes the
+``blocksparse`` impl (the executor; FlexAttention on CUDA).
 """
 
 from __future__ import annotations
@@ -58,27 +69,44 @@ def gate_heads(out: Tensor, gates: Tensor) -> Tensor:
     return torch.where(g != 0, out * g, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def _gated(res: AttentionOutput, gates: Tensor | None) -> AttentionOutput:
+    """The softmax rows gated; the LSE is the softmax's own (module docstring)."""
+    return AttentionOutput(res.out if gates is None else gate_heads(res.out, gates), res.lse)
+
+
+def sdpa_supports(q: Tensor, k: Tensor, v: Tensor, causal: bool, need_lse: bool = False, **_) -> str | None:
+    if need_lse and q.device.type != "cpu":
+        return "public SDPA returns no log-sum-exp off CPU"
+    return None
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, gates: Tensor | None = None
 ) -> AttentionOutput:
+    """out [B, H, T, Dv], lse [B, H, T] (None off the CPU, where ``sdpa_supports`` refuses need_lse)."""
     if dense.sdpa_supports(q, k, v, causal) is None:
-        out = dense.sdpa(q, k, v, causal=causal, scale=scale).out
-    else:
-        out = dense.blocksparse(q, k, v, causal=causal, scale=scale).out
-    return AttentionOutput(out if gates is None else gate_heads(out, gates), None)
+        return _gated(dense.sdpa(q, k, v, causal=causal, scale=scale), gates)
+    return _gated(dense.blocksparse(q, k, v, causal=causal, scale=scale), gates)
+
+
+def blocksparse(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, gates: Tensor | None = None
+) -> AttentionOutput:
+    """The executor's dense layout, gated: an LSE on every device."""
+    return _gated(dense.blocksparse(q, k, v, causal=causal, scale=scale), gates)
 
 
 def oracle(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, gates: Tensor | None = None
 ) -> _reference.Reference:
-    """The dense oracle's rows scaled by the gates (weights scaled alike)."""
+    """The dense oracle's rows scaled by the gates (weights scaled alike); the LSE is the softmax's."""
     ref = _reference.attention(q, k, v, causal=causal, scale=scale)
     if gates is None:
-        return _reference.Reference(ref.out, ref.weights, None)
+        return ref
     ct = compute_dtype(q.dtype)
     weights = ref.weights * _broadcastable(gates, ref.out, ct)  # [B, H, T, S]
     out = torch.einsum("bhts,bhsd->bhtd", weights, repeat_kv(v.to(ct), q.shape[1] // k.shape[1]))
-    return _reference.Reference(out.to(q.dtype), weights, None)
+    return _reference.Reference(out.to(q.dtype), weights, ref.lse)
 
 
 def _quarter_off_gates(T: int) -> dict:
@@ -91,10 +119,9 @@ SPEC = Mechanism(
     "moh",
     "MoH (mixture-of-head attention), arXiv 2410.11842: gated heads; the layer is nn.MoHAttention",
     Kind.COMPOSITE,  # dense attention rows scaled by per-(token, head) gates
-    {"sdpa": Impl(attention, traced=True)},
+    {"sdpa": Impl(attention, sdpa_supports, traced=True), "blocksparse": Impl(blocksparse)},
     check_options,
     DEFAULTS,
-    has_lse=False,
     # per-token gates need T: tests/mechanisms/test_moh.py
     example=lambda S: {"gates": torch.full((1, 1, 1, 1), 0.75)},  # host: example option
     workloads=Workloads(

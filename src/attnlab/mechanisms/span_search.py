@@ -22,6 +22,15 @@ padded); each span is a run of L keys (L a static bound per chunk) copied out of
 strided view of K / V, masked to the span, and each chunk is one batched computation whose k
 softmaxes and shared window fold into one weight per key. O(T · k · sqrt(S)) work, O(chunk · k ·
 sqrt(S)) memory per chunk, under activation checkpointing, so memory stays linear in T.
+
+No log-sum-exp (``has_lse=False``; ``attention_lse`` refuses the mechanism). Each slot's O_j is one
+softmax over span(a_j) ∪ Win(t) with its own LSE l_j, but out_t = Σ_j ω_j O_j is a mixture of
+separately normalized softmaxes (spec §4.2: O_j is its own SDPA; overlapping spans count twice):
+as one distribution over keys, a span key weighs ω_j e^{s - l_j} and a window key Σ_j ω_j e^{s - l_j},
+factors that depend on every key of every slot. Merging partial results over key shards needs all
+num_spans LSEs per row, so no single LSE exists. (With num_spans = 1, ω = 1 and the row is one
+softmax over the disjoint span ∪ window; a record's capabilities do not depend on options, so the
+mechanism still declares none.)
 """
 
 from __future__ import annotations
@@ -257,6 +266,8 @@ SPEC = Mechanism(
     check_options,
     DEFAULTS,
     has_lse=False,
+    no_lse="a mixture of num_spans softmaxes (one per span slot) weighted by the search scores: each slot "
+    "has an LSE, the mixture none",
     patterns=frozenset({"self_causal", "cross_causal"}),
     example=lambda S: {"num_spans": 2, "sw_index": 1, "backward_factor": 1.0, "forward_factor": 0.5},
     oracle=oracle,
