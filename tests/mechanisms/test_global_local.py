@@ -60,12 +60,12 @@ def test_branches_have_the_oracles_lses_and_mix_into_the_output(T, S, causal, op
     """global_local has no LSE (attention_lse refuses it), but each branch is one softmax:
     ``branches`` returns both with their LSEs, equal to the dense oracle's per branch."""
     from attnlab import reference
-    from attnlab.mechanisms import global_local, neighborhood
+    from attnlab.mechanisms import global_local
 
     q, k, v = qkv(T=T, S=S)
     local, glob = global_local.branches(q, k, v, causal=causal, **opts, gate=0.3)
     if "shape" in opts:
-        local_mask = neighborhood.mask(T, S, shape=opts["shape"], kernel_size=opts["kernel_size"])
+        local_mask = attnlab.mask("neighborhood", T, S, shape=opts["shape"], kernel_size=opts["kernel_size"])
     else:
         local_mask = attnlab.mask("sliding_window", T, S, causal=causal, window=opts["window"])
     want_local = reference.attention(q, k, v, local_mask)
