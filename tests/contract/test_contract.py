@@ -91,15 +91,14 @@ def test_comparison_catches_a_wrong_fast_path(monkeypatch):
 def test_comparison_catches_a_wrong_lse(monkeypatch):
     """The LSE is checked too: a fast path whose output is right but whose LSE is off must be reported."""
     from attnlab.core import AttentionOutput
-    from attnlab.mechanisms import sliding_window
 
-    real = sliding_window.attention
+    mech = attnlab.get("sliding_window")
+    real = mech.impls["blocksparse"].fn
 
     def shifted(q, k, v, *, causal=False, scale=None, window=512):
         out, lse = real(q, k, v, causal=causal, scale=scale, window=window)
         return AttentionOutput(out, lse + 1e-6)
 
-    mech = attnlab.get("sliding_window")
     monkeypatch.setitem(mech.impls, "blocksparse", registry.Impl(shifted))
     q, k, v = torch.randn(3, 1, 2, 20, 8, dtype=torch.float64)
     problems = compare_to_reference("sliding_window", q, k, v, causal=True, window=4)

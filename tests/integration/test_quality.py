@@ -257,8 +257,8 @@ def test_hylra_policy_model_selects_once_per_forward(monkeypatch):
     from attnlab.mechanisms import block_topk
 
     calls = []
-    real = block_topk.select
-    monkeypatch.setattr(block_topk, "select", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = block_topk._rank_by_score  # called once per select(); the record holds select itself
+    monkeypatch.setattr(block_topk, "_rank_by_score", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     model = RecallModel(16, policies.policy_at("hylra", 32), dim=16)
     model(torch.randint(0, 16, (2, 32)), torch.ones(2, 32, dtype=torch.bool))
     assert len(calls) == 1  # layer 0 selects, layers 1-3 reuse its selection
