@@ -86,6 +86,7 @@ def _run(q, k, v, mechanism, causal, scale, impl, options, need_lse, selection=N
     if compiling and not any(i.traced for i in mech.impls.values()):
         return _compile.run(q, k, v, mech, causal, scale, impl, options, need_lse, selection)
     shapes = check_qkv(q, k, v)
+    mech.check_device(q.device)
     resolve_scale(scale, shapes.D)
     opts = mech.resolve(shapes.T, shapes.S, causal, options)
     pat = pattern(shapes.T, shapes.S, mech.is_causal(causal))

@@ -80,7 +80,7 @@ class Mechanism:
     no_lse: str | None = None  # why not, in one line: given exactly when has_lse is False
     drop_in: bool = True  # can stand in for a pretrained softmax attention layer (HF, nn.Attention)
     patterns: frozenset[str] = ALL_PATTERNS
-    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})  # device types its impls are built and tested for
     example: Callable[[int], dict] = lambda S: {}  # small valid options for a key length S
     workloads: Workloads = Workloads()
     axis_causal: bool = False  # causal may be a tuple of per-axis bools
@@ -127,6 +127,13 @@ class Mechanism:
         if self.axis_causal and isinstance(causal, (tuple, list)):
             return any(causal)
         return check_causal(causal)
+
+    def check_device(self, device) -> None:
+        """Refuse inputs on a device type the record does not serve. ``meta`` (shapes only, no data)
+        passes everywhere: the device guards trace every path on it."""
+        if device.type != "meta" and device.type not in self.devices:
+            served = ", ".join(sorted(self.devices))
+            raise ValueError(f"{self.name} runs on {served}; q, k, v are on {device.type}")
 
     def check_option_names(self, options) -> None:
         """Refuse option names the mechanism does not take (values are checked per call)."""

@@ -44,9 +44,11 @@ def tolerances(dtype: torch.dtype, device: torch.device | str = "cpu"):
     return TOLERANCES[dtype]
 
 
-def devices() -> list[str]:
-    """The device types the test suite runs the contract on: the CPU, and CUDA when present."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def devices(name: str | None = None) -> list[str]:
+    """The device types the test suite runs the contract on: the CPU, and CUDA when present (for a
+    mechanism: those its record serves)."""
+    found = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return found if name is None else [d for d in found if d in registry.get(name).devices]
 
 
 def _close(name: str, got: Tensor, want: Tensor, atol: float, rtol: float) -> str | None:

@@ -21,7 +21,7 @@ DEVICE_BLOCKS = [(d, b) for d in devices() for b in (BLOCKS if d == "cpu" else [
 
 
 def _device_cases(cases_: list, device: str) -> list:
-    return [(n, c) for n, c in cases_ if c.dtype in DEVICE_DTYPES[device]]
+    return [(n, c) for n, c in cases_ if c.dtype in DEVICE_DTYPES[device] and device in devices(n)]
 
 
 CONTRACT = [(d, b, n, c) for d, b in DEVICE_BLOCKS for n, c in _device_cases(ALL_CASES, d)]

@@ -81,3 +81,22 @@ def test_bad_scale_and_block_size():
     with pytest.raises(ValueError, match="block_size q must be a positive int"):
         with attnlab.kernels.block_size(0):
             pass
+
+
+def test_a_device_the_record_does_not_serve_is_refused(monkeypatch):
+    """``devices`` on the record is enforced before any compute; meta (shapes only) always passes."""
+    import dataclasses
+
+    from attnlab import registry
+    from attnlab.testing import devices
+
+    mech = attnlab.get("sliding_window")
+    cuda_only = dataclasses.replace(mech, devices=frozenset({"cuda"}))
+    monkeypatch.setitem(registry._BY_NAME, "sliding_window", cuda_only)
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="sliding_window runs on cuda; q, k, v are on cpu"):
+        attnlab.attention(q, q, q, "sliding_window", window=3)
+    assert devices("sliding_window") == (["cuda"] if torch.cuda.is_available() else [])
+    cuda_only.check_device(torch.device("meta"))  # no raise: the device guards trace on meta
+    with pytest.raises(ValueError, match="runs on cuda"):
+        cuda_only.check_device(torch.device("cpu"))
