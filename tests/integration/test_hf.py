@@ -80,8 +80,8 @@ CAUSAL = [n for n in attnlab.hf.served() if {"self_causal", "cross_causal"} <= a
 # Selections pooled over a block of queries see fewer queries when decoding one token at a time, so
 # their KV-cache decode is a different (still causal) selection than a full recompute.
 POOLED_QUERIES = {"block_topk", "dynamic_hierarchical"}
-# Options that describe a fixed token layout (document lengths, region group ids) cannot follow a
-# growing KV cache; packed documents reach us as transformers' own mask instead.
+# Their examples describe a fixed token layout (document lengths, region group ids), which cannot
+# follow a growing KV cache: test_hf_edges.py decodes document with attnlab.hf.per_token ids.
 FIXED_LAYOUT = {"document", "region"}
 
 

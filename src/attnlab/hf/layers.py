@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from attnlab import reference as _reference
 from attnlab import registry, reuse
 from attnlab.hf.masks import masked_attention, unpadded
+from attnlab.hf.tokens import at_length
 
 ATTR = "attnlab"  # the one attribute a pinned attention module carries
 
@@ -152,7 +153,7 @@ def _selection_sharing(layer: int, pinned: LayerSetting, q, k, v, mask, causal, 
     source's selection without scoring."""
     if not unpadded(mask, causal, k.shape[2]):
         raise ValueError("layer reuse (HyLRA) runs on unpadded batches: selections are shared across layers per row")
-    name, opts = pinned.mechanism, pinned.options
+    name, opts = pinned.mechanism, at_length(pinned.options, k.shape[2])
     sel = reuse.shared_selection(pinned.store, layer, pinned.reuse, name, q, k, causal=causal, scale=scale, **opts)
     if pinned.reuse is None and pinned.profile is not None:  # profiling: how much mass needs how many blocks
         weights = _reference.attention(q, k, v, causal=causal, scale=scale).weights

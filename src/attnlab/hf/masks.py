@@ -16,6 +16,7 @@ from torch import Tensor
 
 from attnlab import reference as _reference
 from attnlab import registry
+from attnlab.hf.tokens import at_length, for_row
 from attnlab.spec import Kind
 
 
@@ -24,23 +25,24 @@ def masked_attention(
 ) -> Tensor:
     """``attnlab.attention`` under an extra transformers-style mask [B or 1, 1, T, S] (bool, True =
     allowed, or additive float 0 / min). See the module docstring for how each mask is served."""
+    S = k.shape[2]
     if mask is None:
-        return registry.attention(q, k, v, mechanism, causal=causal, scale=scale, **options)
+        return registry.attention(q, k, v, mechanism, causal=causal, scale=scale, **at_length(options, S))
     allowed = as_bool(mask)
     runs = key_runs(allowed, causal)
     if runs is None:
-        return _dense_fallback(q, k, v, allowed, mechanism, causal, scale, options)
+        return _dense_fallback(q, k, v, allowed, mechanism, causal, scale, at_length(options, S))
     B, H, T, _ = q.shape
-    S = k.shape[2]
     if all(lo == 0 and hi == S for lo, hi in runs):
-        return registry.attention(q, k, v, mechanism, causal=causal, scale=scale, **options)
+        return registry.attention(q, k, v, mechanism, causal=causal, scale=scale, **at_length(options, S))
     out = q.new_zeros(B, H, T, v.shape[-1])
     for b, (lo, hi) in enumerate(runs):
         rows = slice(max(0, lo - (S - T)), max(0, hi - (S - T)))  # query rows at real positions
         if hi <= lo or rows.start >= rows.stop:
             continue
         qb, kb, vb = q[b : b + 1, :, rows], k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi]
-        out[b : b + 1, :, rows] = registry.attention(qb, kb, vb, mechanism, causal=causal, scale=scale, **options)
+        opts = for_row(options, S, b, slice(lo, hi))
+        out[b : b + 1, :, rows] = registry.attention(qb, kb, vb, mechanism, causal=causal, scale=scale, **opts)
     return out
 
 

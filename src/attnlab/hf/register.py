@@ -4,13 +4,18 @@ Each mechanism is registered twice under ``attnlab_<name>``: with ``AttentionInt
 attention itself) and with ``AttentionMaskInterface`` (transformers' boolean SDPA mask, so causal and
 padding masks always reach us; the docs warn that without it the mask is silently ``None``). The mask
 builder also validates the layer's options against the call before any layer runs.
-``attnlab_policy`` runs each layer's pinned setting (``attnlab.hf.layers``).
+``attnlab_policy`` runs each layer's pinned setting (``attnlab.hf.layers``). Registering also makes
+``generate()`` check decoding support before the prompt runs (``attnlab.hf.decode``).
+
+Options at load time go through the config: :func:`from_pretrained` sets ``config.attnlab`` before
+the model is built, and a saved model's ``config.json`` keeps them.
 """
 
 from __future__ import annotations
 
 from attnlab import registry
 from attnlab.hf import layers
+from attnlab.hf.tokens import at_length
 
 PREFIX = "attnlab_"
 POLICY = PREFIX + "policy"
@@ -21,6 +26,9 @@ def register() -> list[str]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    from attnlab.hf.decode import hook_generate
+
+    hook_generate()
     names = [PREFIX + n for n in layers.served()] + [POLICY]
     for full in names:
         default = None if full == POLICY else full.removeprefix(PREFIX)
@@ -47,9 +55,36 @@ def check(name: str, T: int, S: int, causal: bool, options: dict) -> None:
             f"it supports {', '.join(sorted(mech.patterns))}"
         )
     try:
-        mech.resolve(T, S, causal, dict(options))
+        mech.resolve(T, S, causal, at_length(options, S))
     except ValueError as e:
         raise ValueError(f"config.attnlab for {name}: {e}") from None
+
+
+def from_pretrained(name_or_path, mechanism: str, options: dict | None = None, *, auto_class=None, **kwargs):
+    """Load a transformers model running ``mechanism`` (a served name, or ``"policy"``) with
+    ``options`` as ``config.attnlab``: ``from_pretrained(path, "sliding_window", {"window": 256})``.
+    ``kwargs`` go to transformers' ``from_pretrained``; ``auto_class`` defaults to
+    ``AutoModelForCausalLM``. Option names are checked before anything loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if "attn_implementation" in kwargs or "attnlab" in kwargs:
+        raise ValueError(
+            "from_pretrained takes the mechanism and its options as arguments, not attn_implementation= / attnlab="
+        )
+    options = dict(options or {})
+    if mechanism != POLICY.removeprefix(PREFIX):
+        layers.servable(mechanism).check_option_names(options)
+    elif options:
+        raise ValueError("mechanism='policy' takes no options: pin each layer (attnlab.hf.set_layer / apply_policy)")
+    if not registered(PREFIX + mechanism):
+        register()
+    config = kwargs.pop("config", None)
+    if config is None:
+        shared = ("cache_dir", "local_files_only", "revision", "token", "trust_remote_code", "subfolder")
+        config = AutoConfig.from_pretrained(name_or_path, **{k: kwargs[k] for k in shared if k in kwargs})
+    config.attnlab = options
+    auto_class = auto_class or AutoModelForCausalLM
+    return auto_class.from_pretrained(name_or_path, config=config, attn_implementation=PREFIX + mechanism, **kwargs)
 
 
 def _mask_fn(default: str | None):
