@@ -139,8 +139,12 @@ def test_speedup_plot_has_a_line_at_one_a_title_and_colours_by_length_mode_and_m
 
     figs = plots.figures(_sweep((1024, 4096), modes=("fwd", "fwd+bwd")))
     (ax,) = figs["speedup_vs_density.png"].axes
-    (one,) = [line for line in ax.get_lines() if list(line.get_ydata()) == [1, 1]]
-    assert one.get_linestyle() == "--" and ax.get_title().startswith("speedup over SDPA")
+    (one,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(one.get_ydata()) == [1, 1] and ax.get_title().startswith("speedup over SDPA")
+    joins = [line for line in ax.get_lines() if line is not one]  # a configuration from 1K to 4K
+    # density 512/T of the window from T=1024 to 4096, and dense's 0.5, for 2 masks x 2 modes each
+    assert sorted(tuple(line.get_xdata()) for line in joins) == [(0.5, 0.125)] * 4 + [(0.5, 0.5)] * 4
+    assert sorted(t.get_text() for t in ax.texts) == ["dense"] * 4 + ["sliding_window"] * 4  # one name each
     points = ax.collections  # one scatter per row: 2 lengths x 2 modes x 2 masks x 2 mechanisms
     assert len(points) == 16
     edges = {mcolors.to_hex(p.get_edgecolors()[0]) for p in points}

@@ -157,11 +157,14 @@ def _speedup(plt, rows: list[dict]):
     lengths = sorted({r["T"] for r in pts})
     cmap = plt.get_cmap("viridis")
     colour = {T: cmap(i / max(1, len(lengths) - 1) * 0.85) for i, T in enumerate(lengths)}
-    for r in pts:
+    runs: dict = {}  # one configuration across lengths
+    for r in sorted(pts, key=lambda r: r["T"]):
         c = colour[r["T"]]
         face = c if r["causal"] else "none"
         ax.scatter(r["density"], r["vs_sdpa"], s=40, marker=MARKERS.get(r["mode"], "D"), c=[face], edgecolors=[c])
-        ax.annotate(r["mechanism"], (r["density"], r["vs_sdpa"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        runs.setdefault((r["mechanism"], r.get("pattern") or r["causal"], r["mode"]), []).append(r)
+    for rs in runs.values():  # a thin line from the shortest length to the longest, named at the longest
+        ax.plot([r["density"] for r in rs], [r["vs_sdpa"] for r in rs], color="lightgrey", lw=1, zorder=0)
     ax.axhline(1.0, color="grey", ls="--", lw=1)
     handles = [Line2D([], [], color="grey", ls="--", label="SDPA (= 1)")]
     handles += [Line2D([], [], ls="", marker="o", color=colour[T], label=f"T = {T:,}") for T in lengths]
@@ -179,7 +182,24 @@ def _speedup(plt, rows: list[dict]):
     _plain_log(ax.xaxis)
     _plain_log(ax.yaxis)
     _legend(ax, handles)
+    _names(ax, [rs[-1] for rs in runs.values()])
     return fig
+
+
+def _names(ax, rows: list[dict]) -> None:
+    """Each row's mechanism beside its point, moved down a line while it would overprint a name
+    already placed (positions in points, from the top of the plot down)."""
+    ax.autoscale_view()
+    to_points = 72 / ax.figure.dpi
+    placed: list[tuple[float, float]] = []
+    for r in sorted(rows, key=lambda r: -r["vs_sdpa"]):
+        x, y = ax.transData.transform((r["density"], r["vs_sdpa"])) * to_points
+        dy = 3.0
+        while any(abs(x - px) < 60 and abs(y + dy - py) < 8 for px, py in placed):
+            dy -= 8
+        placed.append((x, y + dy))
+        at = (r["density"], r["vs_sdpa"])
+        ax.annotate(r["mechanism"], at, xytext=(4, dy), textcoords="offset points", fontsize=7)
 
 
 def _legend(ax, handles=None) -> None:
