@@ -53,8 +53,6 @@ def write(rows: list[dict], out: Path) -> list[Path]:
 def figures(rows: list[dict]) -> dict:
     """``{file name: matplotlib Figure}`` for the timed rows, nothing saved."""
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
     timed = [r for r in rows if r.get("median_ms") is not None]
     modes = sorted({r["mode"] for r in timed}, key=lambda m: (m != "fwd", m))
     out = {}
@@ -68,20 +66,26 @@ def figures(rows: list[dict]) -> dict:
     out["speedup_vs_density.png"] = _speedup(plt, timed)
     mem = [r for r in timed if r.get("peak_mib") is not None]
     if mem:
-        mem_modes = [m for m in modes if any(r["mode"] == m for r in mem)]
-        fig, axes = plt.subplots(1, len(mem_modes), figsize=(7 * len(mem_modes), 5), squeeze=False)
-        for ax, mode in zip(axes[0], mem_modes):
-            sel = [r for r in mem if r["mode"] == mode]
-            sdpa = {(r["T"], r["causal"]): r["sdpa_peak_mib"] for r in sel if r.get("sdpa_peak_mib") is not None}
-            _by_length(ax, sel, "peak_mib", sdpa)
-            if ax.get_yscale() == "log":  # powers of two: 4.00 KiB, 8.00 KiB, not 5.12 KiB
-                ax.yaxis.set_major_locator(LogLocator(base=2))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: memory(v)))  # 4.00 KiB, not 0.004
-            ax.set(ylabel="peak memory above the start", title=f"peak memory, {mode} (SDPA in black)")
-        out["memory.png"] = fig
+        out["memory.png"] = _memory(plt, mem, [m for m in modes if any(r["mode"] == m for r in mem)])
     for fig in out.values():
         fig.tight_layout()
     return out
+
+
+def _memory(plt, rows: list[dict], modes: list[str]):
+    """Peak memory against length, one panel per mode, in KiB/MiB/GiB as the table shows it."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode]
+        sdpa = {(r["T"], r["causal"]): r["sdpa_peak_mib"] for r in sel if r.get("sdpa_peak_mib") is not None}
+        _by_length(ax, sel, "peak_mib", sdpa)
+        if ax.get_yscale() == "log":  # powers of two: 4.00 KiB, 8.00 KiB, not 5.12 KiB
+            ax.yaxis.set_major_locator(LogLocator(base=2))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: memory(v)))  # 4.00 KiB, not 0.004
+        ax.set(ylabel="peak memory above the start", title=f"peak memory, {mode} (SDPA in black)")
+    return fig
 
 
 def label(r: dict) -> str:
