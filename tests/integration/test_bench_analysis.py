@@ -92,6 +92,89 @@ def test_plots_are_written(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def _sweep(lengths, modes=("fwd",)):
+    """A run as the suite writes it: SDPA's own row (baseline) and a windowed one, both masks."""
+    rows = []
+    for T in lengths:
+        for mode in modes:
+            for causal in (True, False):
+                sdpa_ms = 1e-6 * T * T
+                rows.append(_row("dense", T, sdpa_ms, 1.0, causal, mode, baseline=True, density=0.5))
+                w = _row("sliding_window", T, 2e-3 * T, sdpa_ms / (2e-3 * T), causal, mode, density=512 / T)
+                rows.append({**w, "options": "window=512"})
+    return rows
+
+
+def _lines(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_latency_plot_has_an_sdpa_baseline_and_options_in_the_legend():
+    figs = plots.figures(_sweep((1024, 2048, 4096), modes=("fwd", "fwd+bwd")))
+    assert list(figs) == ["latency_fwd.png", "latency_fwd_bwd.png", "speedup_vs_density.png", "memory.png"]
+    (ax,) = figs["latency_fwd.png"].axes
+    lines = _lines(ax)
+    # SDPA's time per length is median_ms * vs_sdpa of the rows; SDPA's own rows are that line, not a series
+    assert list(lines["SDPA, causal"].get_xdata()) == [1024, 2048, 4096]
+    assert lines["SDPA, causal"].get_ydata() == pytest.approx([1e-6 * T * T for T in (1024, 2048, 4096)])
+    assert lines["SDPA, causal"].get_color() == "black"
+    window = lines["sliding_window, causal (window=512)"]
+    assert window.get_ydata() == pytest.approx([2e-3 * T for T in (1024, 2048, 4096)])
+    assert window.get_color() != lines["sliding_window, full (window=512)"].get_color() or (
+        window.get_linestyle() != lines["sliding_window, full (window=512)"].get_linestyle()
+    )
+    assert not any(label.startswith("dense") for label in lines)
+    assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_title().startswith("latency, fwd")
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "sliding_window, causal (window=512)" in legend and "SDPA, full" in legend
+    assert ax.get_legend().get_texts()[0].get_fontsize() >= 8
+    memory = figs["memory.png"]
+    assert [a.get_title() for a in memory.axes] == [f"peak memory, {m} (SDPA in black)" for m in ("fwd", "fwd+bwd")]
+    sdpa_mem = _lines(memory.axes[0])["SDPA, causal"]
+    assert sdpa_mem.get_ydata() == pytest.approx([2.0 * T / 1000 for T in (1024, 2048, 4096)])
+
+
+def test_speedup_plot_has_a_line_at_one_a_title_and_colours_by_length_mode_and_mask():
+    import matplotlib.colors as mcolors
+
+    figs = plots.figures(_sweep((1024, 4096), modes=("fwd", "fwd+bwd")))
+    (ax,) = figs["speedup_vs_density.png"].axes
+    (one,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(one.get_ydata()) == [1, 1] and ax.get_title().startswith("speedup over SDPA")
+    joins = [line for line in ax.get_lines() if line is not one]  # a configuration from 1K to 4K
+    # density 512/T of the window from T=1024 to 4096, and dense's 0.5, for 2 masks x 2 modes each
+    assert sorted(tuple(line.get_xdata()) for line in joins) == [(0.5, 0.125)] * 4 + [(0.5, 0.5)] * 4
+    assert sorted(t.get_text() for t in ax.texts) == ["dense"] * 4 + ["sliding_window"] * 4  # one name each
+    points = ax.collections  # one scatter per row: 2 lengths x 2 modes x 2 masks x 2 mechanisms
+    assert len(points) == 16
+    edges = {mcolors.to_hex(p.get_edgecolors()[0]) for p in points}
+    assert len(edges) == 2  # one colour per length
+    hollow = [p for p in points if len(p.get_facecolors()) == 0 or p.get_facecolors()[0][3] == 0]
+    assert len(hollow) == 8  # the full-mask points
+    shapes = {tuple(map(tuple, p.get_paths()[0].vertices.round(3))) for p in points}
+    assert len(shapes) == 2  # one marker per mode
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"T = 1,024", "T = 4,096", "fwd", "fwd+bwd", "causal (filled)", "full (hollow)"} <= set(legend)
+
+
+def test_a_single_length_is_drawn_as_bars_not_one_dot_on_a_log_plot():
+    figs = plots.figures(_sweep((2048,)))
+    (ax,) = figs["latency_fwd.png"].axes
+    assert ax.get_lines() == [] and ax.get_xscale() == "linear"
+    bars = {c.get_label(): c.patches[0].get_height() for c in ax.containers}  # one BarContainer per bar
+    sdpa_ms = 1e-6 * 2048 * 2048
+    assert bars == pytest.approx(
+        {
+            "SDPA, causal": sdpa_ms,
+            "SDPA, full": sdpa_ms,
+            "sliding_window, causal (window=512)": 2e-3 * 2048,
+            "sliding_window, full (window=512)": 2e-3 * 2048,
+        }
+    )
+    (mem,) = figs["memory.png"].axes
+    assert mem.get_lines() == [] and len(mem.patches) == 4
+
+
 def test_plots_without_matplotlib_raise_a_specific_error(monkeypatch, tmp_path):
     import sys
 

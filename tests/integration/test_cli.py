@@ -311,3 +311,52 @@ def test_a_baseline_that_cannot_run_leaves_its_reason_in_the_row(monkeypatch, tm
     (row,) = json.loads((run / "results.json").read_text())["rows"]
     assert row["status"] == "ok" and row["median_ms"] > 0 and row["vs_flex"] is None
     assert "flex: forward only on the CPU" in row["note"]
+
+
+def _table_cells(out: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the body rows of the rich table that ``bench`` prints."""
+    split = lambda line, bar: [c.strip() for c in line.strip().strip(bar).split(bar)]  # noqa: E731
+    (header,) = [split(line, "┃") for line in out.splitlines() if line.startswith("┃")]
+    return header, [split(line, "│") for line in out.splitlines() if line.startswith("│")]
+
+
+def test_bench_table_has_an_options_column_and_memory_in_a_unit_that_fits(capsys):
+    import torch
+
+    from attnlab.bench import efficiency, report
+
+    short = efficiency._short
+    base = {"mechanism": "x", "T": 1024, "causal": True, "mode": "fwd", "status": "ok", "options": ""}
+    rows = [
+        {**base, "mechanism": "sliding_window", "options": "window=512", "peak_mib": 0.3},  # a small run
+        {**base, "mechanism": "document", "options": f"lengths={short(tuple(range(100, 130)))}"},
+        {**base, "mechanism": "region", "options": f"groups={short(torch.zeros(1024))}, rules={short(torch.eye(9))}"},
+    ]
+    report.table(rows, {"cpu": "test", "threads": 1, "torch": torch.__version__})
+    header, body = _table_cells(capsys.readouterr().out)
+    cell = {r[0]: dict(zip(header, r)) for r in body}
+    assert cell["sliding_window"]["options"] == "window=512"
+    assert cell["sliding_window"]["peak mem"] == "307 KiB"  # 0.3 MiB: "0" in whole MiB
+    assert cell["document"]["options"] == "lengths=(100, 101, …, 129; n=30)"  # a long tuple by its ends
+    assert cell["region"]["options"] == "groups=tensor[1024], rules=tens…"  # tensors by shape, cut at 32
+    assert cell["document"]["peak mem"] == "-"
+    assert [report.memory(m) for m in (1e-6, 0.0039, 3.5, 99.5, 1500.0)] == [
+        "1 B",
+        "3.99 KiB",
+        "3.50 MiB",
+        "99.5 MiB",
+        "1.46 GiB",
+    ]
+
+
+def test_bench_run_prints_options_and_memory_as_written(tmp_path, capsys):
+    from attnlab.bench import report
+
+    args = ["bench", "--mechanisms", "sliding_window", "--lengths", "128", "--modes", "fwd", "--masks", "causal"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 0
+    header, (cells,) = _table_cells(capsys.readouterr().out)
+    (run,) = tmp_path.iterdir()
+    (row,) = json.loads((run / "results.json").read_text())["rows"]
+    cell = dict(zip(header, cells))
+    assert cell["options"] == row["options"] and row["options"].startswith("window=")
+    assert cell["peak mem"] == ("-" if row["peak_mib"] is None else report.memory(row["peak_mib"]))

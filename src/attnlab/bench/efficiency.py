@@ -225,10 +225,14 @@ def _row(label: str, mech, T: int, causal: bool, mode: str, options_at, failed: 
 
 
 def _short(v) -> str:
-    if isinstance(v, tuple) and len(v) > 4:
-        return f"<{len(v)} docs>"
+    """An option's value as the table and plots show it: a tensor by its shape, a long sequence by its
+    ends and length (a packed-document ``lengths`` has hundreds of entries); the JSON keeps this too."""
     if isinstance(v, torch.Tensor):
-        return f"<tensor {tuple(v.shape)}>"
+        return str(v.item()) if v.dim() == 0 else f"tensor[{'x'.join(map(str, v.shape))}]"
+    if isinstance(v, (tuple, list)) and len(v) > 4:
+        return f"({_short(v[0])}, {_short(v[1])}, …, {_short(v[-1])}; n={len(v)})"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(map(_short, v)) + ")"
     return str(v)
 
 

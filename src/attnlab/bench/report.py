@@ -31,14 +31,35 @@ def banner(device: torch.device | str = "cpu") -> dict:
     }
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec) -> str:
+    """A cell: ``spec`` is a format spec, or a function of the value for cells with their own rule."""
+    if v is None:
+        return "-"
+    return spec(v) if callable(spec) else format(v, spec)
+
+
+def memory(mib: float) -> str:
+    """A size in the unit that fits it (B, KiB, MiB, GiB), three significant digits or more, so a small
+    run's peak reads ``384 KiB`` rather than ``0`` MiB; the JSON and CSV keep the exact MiB."""
+    size, unit = mib * 2**20, "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if abs(size) < 1024:
+            break
+        size, unit = size / 1024, bigger
+    digits = 0 if unit == "B" or abs(size) >= 100 else 1 if abs(size) >= 10 else 2
+    return f"{size:.{digits}f} {unit}"
+
+
+def options(text: str, width: int = 32) -> str:
+    """A row's options (already one short string per value) cut to ``width`` characters for the table."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 COLUMNS = [
     ("mechanism", "mechanism", "s"),
     ("T", "T", "d"),
     ("mask", "pattern", "s"),
+    ("options", "options", options),
     ("mode", "mode", "s"),
     ("status", "status", "s"),
     ("median ms", "median_ms", ".1f"),
@@ -50,10 +71,13 @@ COLUMNS = [
     ("ideal x", "ideal_vs_sdpa", ".1f"),
     ("x Flex", "vs_flex", ".2f"),
     ("x fla", "vs_fla", ".2f"),
-    ("peak MiB", "peak_mib", ".0f"),
+    ("peak mem", "peak_mib", memory),
     ("peak/qkv", "peak_vs_qkv", ".2f"),
     ("build ms", "build_ms", ".0f"),
 ]
+
+
+LEFT = ("mechanism", "mask", "options", "mode", "status")
 
 
 def _notes(rows: list[dict], info: dict) -> list[str]:
@@ -68,7 +92,7 @@ def table(rows: list[dict], info: dict) -> None:
     """Print the table with rich when installed, plain text otherwise; errors and notes follow it."""
     rows = [{**r, "pattern": r.get("pattern") or ("causal" if r["causal"] else "full")} for r in rows]
     notes = _notes(rows, info)
-    cells = [[_fmt(r[key], spec) if spec else str(r[key]) for _, key, spec in COLUMNS] for r in rows]
+    cells = [[_fmt(r.get(key), spec) for _, key, spec in COLUMNS] for r in rows]
     title = f"attnlab bench — {info['cpu']} · {info['threads']} threads · torch {info['torch']}"
     try:
         from rich.console import Console
@@ -83,10 +107,10 @@ def table(rows: list[dict], info: dict) -> None:
         return
     t = Table(title=title, header_style="bold")
     for h, _, _ in COLUMNS:
-        t.add_column(h, justify="left" if h in ("mechanism", "mode", "mask", "status") else "right", no_wrap=True)
+        t.add_column(h, justify="left" if h in LEFT else "right", no_wrap=True)
     for c in cells:
         t.add_row(*c)
-    console = Console(width=None if Console().is_terminal else 200)
+    console = Console(width=None if Console().is_terminal else 400)  # a file or pipe: never cut cells
     console.print(t)
     for n in notes:
         console.print(n, markup=False, highlight=False)
