@@ -138,7 +138,8 @@ def mask_figure(name: str, T: int, S: int | None = None, *, causal=False, blocks
     m = rec.dense_mask(T, S, causal=causal, **options)  # [B|1, Hkv|1, T, S]
     layout = rec.block_layout(T, S, causal=causal, **options) if blocks else None
     density = m.float().mean().item()
-    title = f"{name}  T={T} S={S} causal={causal}\n{_describe(options) or 'defaults'}\nallowed {density:.1%}"
+    shown = {**rec.resolve(T, S, causal, {k: o for k, o in options.items() if k != "kv_heads"}), **options}
+    title = f"{name}  T={T} S={S} causal={causal}\n{_describe(shown) or 'no options'}\nallowed {density:.1%}"
     if layout is not None:
         title += f", tiles {layout.block_q}x{layout.block_k}: green full, orange partial"
     return _panels(m, title, layout)

@@ -39,6 +39,7 @@ def test_mask_png_shows_the_mask_cell_by_cell(tmp_path):
     assert np.array_equal(saved, again)
     want = attnlab.mask("sliding_window", 24, 32, **opts)[0, 0]  # cross-causal: bottom-right aligned
     assert torch.equal(_cells(path, fig.axes[0], 24, 32), want)
+    assert fig.axes[0].get_ylim() == (23.5, -0.5) and fig.axes[0].get_xlim() == (-0.5, 31.5)  # query 0 on top
     assert "window=5" in fig._suptitle.get_text()
 
 
