@@ -52,3 +52,17 @@ def test_the_old_call_warns_and_returns_the_same_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attnlab.names()  # the new name is silent
+
+
+def test_the_issue_lines_run_in_a_fresh_interpreter():
+    """As the user typed them, before anything else imported attnlab; no deprecation on the way."""
+    import subprocess
+    import sys
+
+    code = (
+        "import attnlab.mechanisms.block_topk as bt, attnlab, pydoc\n"
+        "assert bt.SPEC.name == 'block_topk'\n"
+        "assert 'Longformer' in pydoc.render_doc(attnlab.mechanisms.sliding_window)\n"
+        "assert 'attnlab.names()' in pydoc.render_doc(attnlab.mechanisms)\n"
+    )
+    subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], check=True)
