@@ -3,6 +3,7 @@
 out = attnlab.attention(q, k, v, "sliding_window", causal=True, window=512)
 """
 
+from attnlab import plot as plot  # pictures of masks; matplotlib is imported only when one is drawn
 from attnlab import registry as _registry
 from attnlab.core import AttentionOutput
 from attnlab.policy import Policy

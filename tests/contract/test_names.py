@@ -55,13 +55,15 @@ def test_the_old_call_warns_and_returns_the_same_names():
 
 
 def test_the_issue_lines_run_in_a_fresh_interpreter():
-    """As the user typed them, before anything else imported attnlab; no deprecation on the way."""
+    """As the user typed them, before anything else imported attnlab; no deprecation on the way, and
+    no matplotlib (the viz extra) pulled in by ``import attnlab``."""
     import subprocess
     import sys
 
     code = (
         "import attnlab.mechanisms.block_topk as bt, attnlab, pydoc\n"
         "assert bt.SPEC.name == 'block_topk'\n"
+        "import sys; assert 'matplotlib' not in sys.modules  # attnlab.plot draws with it, imported lazily\n"
         "assert 'Longformer' in pydoc.render_doc(attnlab.mechanisms.sliding_window)\n"
         "assert 'attnlab.names()' in pydoc.render_doc(attnlab.mechanisms)\n"
     )
