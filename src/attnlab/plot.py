@@ -99,7 +99,10 @@ def _shade_blocks(ax, layout, b: int, h: int) -> None:
     colours = torch.tensor([[0, 0, 0, 0], [0.1, 0.7, 0.2, 0.3], [1.0, 0.55, 0.0, 0.35]], dtype=torch.float64)
     bq, bk = layout.block_q, layout.block_k
     ax.imshow(
-        colours[code].numpy(), interpolation="nearest", extent=(-0.5, nK * bk - 0.5, nQ * bq - 0.5, -0.5), aspect="auto"
+        colours[code].numpy(),
+        interpolation="nearest",
+        extent=(-0.5, nK * bk - 0.5, nQ * bq - 0.5, -0.5),
+        aspect=ax.get_aspect(),  # the mask's: square cells where the mask has them
     )
     for x in range(bk, nK * bk, bk):
         ax.axvline(x - 0.5, color="0.6", lw=0.4)
