@@ -8,7 +8,11 @@ A B`` map onto the subcommands (``bench.commands.legacy_bench``)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import pkgutil
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,12 +21,92 @@ from attnlab.bench.commands import DTYPES, NO_CUDA, BadInput, Parser, add_bench,
 
 
 def cmd_list(args) -> int:
+    if args.doc:
+        print(describe(registry.get(args.doc)))
+    if args.plot:
+        if args.length <= 0:
+            raise BadInput(f"--length must be positive, got {args.length}")
+        try:
+            print(plot_defaults(registry.get(args.plot), args.out, args.length, args.causal))
+        except (ValueError, ImportError, OSError) as e:  # no picture for it, no matplotlib, or no folder
+            raise BadInput(f"cannot plot {args.plot}: {e}") from e
+    if args.doc or args.plot:
+        return 0
     for m in registry.MECHANISMS:
         defaults = ", ".join(f"{k}={v}" for k, v in m.defaults.items()) or "-"
         patterns = ", ".join(p for p in registry.PATTERNS if p in m.patterns)
         print(f"{m.name}\n  impls:    auto, reference, {', '.join(m.impls)}\n  patterns: {patterns}")
         print(f"  defaults: {defaults}\n  paper:    {m.paper}")
     return 0
+
+
+def module_of(record: registry.Mechanism):
+    """The mechanism module whose ``SPEC`` is ``record`` (its docstring is the mechanism's write-up)."""
+    import attnlab.mechanisms as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if getattr(module, "SPEC", None) is record:
+            return module
+    raise LookupError(f"no module in {package.__name__} declares the record of {record.name}")
+
+
+def describe(m: registry.Mechanism) -> str:
+    """``attnlab list --doc``: the module docstring (paper, exact rule, resolved ambiguities), then the record."""
+    module = module_of(m)
+    doc = inspect.cleandoc(module.__doc__ or "(no module docstring)")
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    lines = [
+        f"{m.name}  ({module.__name__})",
+        "",
+        doc,
+        "",
+        f"record (attnlab.get({m.name!r})):",
+        f"  kind:        {m.kind.value}",
+        f"  paper:       {m.paper}",
+        f"  patterns:    {', '.join(p for p in registry.PATTERNS if p in m.patterns)}",
+        f"  devices:     {', '.join(sorted(m.devices))}",
+        f"  has_lse:     {yes(m.has_lse)}" + ("" if m.has_lse else f" ({m.no_lse})"),
+        f"  drop_in:     {yes(m.drop_in)}",
+        f"  selects:     {yes(m.selects)}",
+        f"  fixed_state: {yes(m.fixed_state)}",
+        f"  per_kv_head: {yes(m.per_kv_head)}",
+        f"  axis_causal: {yes(m.axis_causal)}",
+        f"  defaults:    {', '.join(f'{k}={v}' for k, v in m.defaults.items()) or '-'}",
+        "  impls:       auto, reference, "
+        + ", ".join(n + (" (traced under torch.compile)" if i.traced else "") for n, i in m.impls.items()),
+    ]
+    return "\n".join(lines)
+
+
+def plot_defaults(m: registry.Mechanism, out: str, length: int, causal: bool | None) -> str:
+    """``attnlab list --plot``: the record's mask at its defaults over ``length`` tokens; where the
+    defaults need a shape (a grid, documents, groups), its ``example(64)`` over 64. A mechanism with
+    no fixed mask draws the selection, or else the weights, of a seeded random input at ``example(64)``.
+    Returns what was written, for the user."""
+    from attnlab import plot
+
+    causal = "self_causal" in m.patterns if causal is None else causal
+    path = Path(out) / f"{m.name}_mask.png"
+    if m.mask is not None:
+        try:
+            m.resolve(length, length, causal, {})
+        except ValueError as e:  # the defaults need a shape: the record's example is a valid one
+            path = plot.mask(m.name, 64, causal=causal, path=path, **m.example(64))
+            return f"{path}  (the defaults need a shape ({e}); drew example(64): {m.example(64)})"
+        return str(plot.mask(m.name, length, causal=causal, path=path))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 64, 16, generator=g) for h in (4, 2, 2))
+    opts = m.resolve(64, 64, causal, m.example(64))
+    if m.selects:
+        path = plot.selection(
+            m.select(q, k, causal=causal, scale=None, **opts), path.with_name(f"{m.name}_selection.png")
+        )
+        what = "selection"
+    else:
+        path = plot.weights(q, k, v, m.name, causal=causal, path=path.with_name(f"{m.name}_weights.png"), **opts)
+        what = "attention weights (head 0)"
+    return f"{path}  ({m.name} is a {m.kind.value} mechanism with no fixed mask: the {what} of a seeded random input)"
 
 
 def _check_dtypes(args, device: torch.device) -> tuple[torch.dtype, ...]:
@@ -78,7 +162,16 @@ def cmd_check(args) -> int:
 def _parser() -> tuple[Parser, dict[str, argparse.ArgumentParser]]:
     p = Parser(prog="attnlab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers").set_defaults(fn=cmd_list)
+    ls = sub.add_parser("list", help="mechanisms, their impls, patterns, defaults and papers")
+    names = registry.mechanisms()
+    ls.add_argument(
+        "--doc", choices=names, metavar="NAME", help="the mechanism's write-up (paper, exact rule) and record"
+    )
+    ls.add_argument("--plot", choices=names, metavar="NAME", help="write the picture of its mask at the defaults")
+    ls.add_argument("--out", default=".", metavar="DIR", help="folder for --plot (default: the current one)")
+    ls.add_argument("--length", type=int, default=1024, metavar="T", help="tokens of the --plot mask (default 1024)")
+    ls.add_argument("--causal", action=argparse.BooleanOptionalAction, help="--plot: default causal where supported")
+    ls.set_defaults(fn=cmd_list)
     c = sub.add_parser(
         "check",
         help="the contract on tiny shapes: pass/fail per mechanism (exit 0 all pass, 1 any fails, 2 bad input)",

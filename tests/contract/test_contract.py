@@ -62,7 +62,7 @@ def test_planned_path_matches_oracle_on_per_slice_layouts(name, case, monkeypatc
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("name", attnlab.mechanisms())
+@pytest.mark.parametrize("name", attnlab.names())
 def test_auto_runs_every_supported_pattern_at_default_blocks(name, device):
     mech = attnlab.get(name)
     dtype = torch.float64 if torch.float64 in DEVICE_DTYPES[device] else torch.float32

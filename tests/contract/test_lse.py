@@ -28,7 +28,7 @@ def small_cases(mech, device):
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("name", attnlab.mechanisms())
+@pytest.mark.parametrize("name", attnlab.names())
 def test_has_lse_is_what_every_impl_and_the_oracle_return(name, device):
     """Called directly (not through attention_lse, which would refuse or guard), each impl that
     accepts need_lse returns a [B, H, T] LSE in the compute dtype exactly when the record says

@@ -51,7 +51,7 @@ def test_oracle_dtypes_and_causal_alignment():
     assert reference.attention(q.double(), k.double(), k.double()).lse.dtype == torch.float64
 
 
-@pytest.mark.parametrize("name", attnlab.mechanisms())
+@pytest.mark.parametrize("name", attnlab.names())
 def test_reference_gradcheck(name):
     mech = attnlab.get(name)
     S = 12

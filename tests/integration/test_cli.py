@@ -11,6 +11,53 @@ def test_list(capsys):
     assert "sliding_window" in out and "defaults: window=512" in out and "self_causal" in out
 
 
+def test_list_doc_prints_the_module_docstring_then_the_record(capsys):
+    import attnlab
+
+    assert cli.main(["list", "--doc", "sliding_window"]) == 0
+    out = capsys.readouterr().out
+    doc = attnlab.mechanisms.sliding_window.__doc__
+    assert out.startswith("sliding_window  (attnlab.mechanisms.sliding_window)\n\nSliding-window (local band)")
+    assert "Query row i sits at key position p = i + S - T" in out and doc.splitlines()[0] in out  # the exact rule
+    record = out[out.index("record (attnlab.get('sliding_window')):") :]
+    for line in ("kind:        mask", "has_lse:     yes", "drop_in:     yes", "defaults:    window=512"):
+        assert f"  {line}\n" in record
+    assert "  impls:       auto, reference, blocksparse\n" in record
+    assert cli.main(["list", "--doc", "linear"]) == 0
+    out = capsys.readouterr().out
+    assert "kind:        linear" in out and "has_lse:     no (" in out and "fixed_state: yes" in out
+
+
+def test_list_doc_finds_every_mechanisms_module(capsys):
+    import attnlab
+
+    for name in attnlab.names():
+        assert cli.module_of(attnlab.get(name)).SPEC is attnlab.get(name)
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["list", "--doc", "slidng_window"])
+    assert e.value.code == 2 and "invalid choice: 'slidng_window'" in capsys.readouterr().err
+
+
+def test_list_plot_writes_the_defaults_picture(tmp_path, capsys):
+    assert cli.main(["list", "--plot", "sliding_window", "--out", str(tmp_path), "--length", "256"]) == 0
+    path = tmp_path / "sliding_window_mask.png"
+    assert capsys.readouterr().out == f"{path}\n" and path.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["list", "--plot", "halo", "--out", str(tmp_path)]) == 0  # the defaults need a grid shape
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path / 'halo_mask.png'}  (the defaults need a shape (halo needs shape=(H, W)")
+    assert "drew example(64)" in out and (tmp_path / "halo_mask.png").stat().st_size > 0
+    assert cli.main(["list", "--plot", "block_topk", "--out", str(tmp_path)]) == 0  # no fixed mask: a selection
+    assert "the selection of a seeded random input" in capsys.readouterr().out
+    assert (tmp_path / "block_topk_selection.png").stat().st_size > 0
+    assert cli.main(["list", "--plot", "span_search", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnlab list: error: cannot plot span_search:") and err.count("\n") == 1
+    assert cli.main(["list", "--plot", "dense", "--length", "0"]) == 2
+    assert "--length must be positive" in capsys.readouterr().err
+
+
 def test_check_passes_and_reports(capsys):
     assert cli.main(["check", "sliding_window", "halo"]) == 0
     out = capsys.readouterr().out

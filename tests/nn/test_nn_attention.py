@@ -141,7 +141,7 @@ def _self_pattern(mech) -> bool | None:
     return None
 
 
-@pytest.mark.parametrize("name", attnlab.mechanisms())
+@pytest.mark.parametrize("name", attnlab.names())
 def test_every_mechanism_runs_in_the_layer_with_gradients(name):
     mech = attnlab.get(name)
     causal = _self_pattern(mech)
