@@ -76,7 +76,10 @@ def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, scale: float, fle
 
 def _all_finite(k: Tensor, v: Tensor) -> bool:
     """One fp32 reduction per tensor: any NaN or inf makes the sum non-finite. A sum that overflows
-    only sends a finite input down the exact isolation path, so it is never wrong."""
+    only sends a finite input down the exact isolation path, so it is never wrong. Meta tensors
+    (shape tracing) hold no values."""
+    if k.device.type == "meta":
+        return True
     total = k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)
     return bool(torch.isfinite(total))
 
@@ -97,12 +100,14 @@ def _isolate_non_finite(
     bad_v = ~torch.isfinite(v)  # [B, Hkv, S, Dv]
     out, lse = _run(q, k.masked_fill(bad_k, 0), v.masked_fill(bad_v, 0), layout, scale, flex)
     bad = torch.cat([bad_k, bad_v], -1).float()  # [B, Hkv, S, 1 + Dv]
+    width = max(16, 1 << (bad.shape[-1] - 1).bit_length())  # a head dim every kernel takes (Flex: 2^n >= 16)
+    bad = torch.nn.functional.pad(bad, (0, width - bad.shape[-1]))  # [B, Hkv, S, width]
     B, H, T = q.shape[:3]
-    zeros_q = torch.zeros(B, H, T, bad.shape[-1], dtype=bad.dtype, device=q.device)
-    seen = _run(zeros_q, torch.zeros_like(bad), bad, layout, 1.0, flex).out > 0  # [B, H, T, 1 + Dv]
+    zeros_q = torch.zeros(B, H, T, width, dtype=bad.dtype, device=q.device)
+    seen = _run(zeros_q, torch.zeros_like(bad), bad, layout, 1.0, flex).out > 0  # [B, H, T, width]
     row_nan = seen[..., :1]  # [B, H, T, 1]: the row allows a key with a non-finite component
     nan = torch.tensor(float("nan"), dtype=out.dtype, device=q.device)
     # Added, not selected: the finite part keeps its gradient, as the other rows' do.
-    out = out + torch.where(row_nan | seen[..., 1:], nan, 0)
+    out = out + torch.where(row_nan | seen[..., 1 : 1 + v.shape[-1]], nan, 0)
     lse = lse + torch.where(row_nan.squeeze(-1), nan.to(lse.dtype), 0)
     return AttentionOutput(out, lse)
