@@ -81,5 +81,13 @@ def attention(
     # Subtract a finite stand-in for empty rows so no NaN appears, then zero them explicitly.
     weights = torch.exp(logits - torch.where(empty, 0.0, lse.unsqueeze(-1)))
     weights = torch.where(empty | ~allowed, torch.zeros_like(weights), weights)
+    bad_v = ~torch.isfinite(vf)  # [B, H, S, Dv]
+    poisoned = bool(bad_v.any())
+    if poisoned:
+        # A non-finite value reaches only the rows that allow its key: 0 * NaN would spread it to all.
+        seen = torch.einsum("bhts,bhsd->bhtd", allowed.expand(B, H, T, S).to(ct), bad_v.to(ct)) > 0
+        vf = vf.masked_fill(bad_v, 0)
     out = torch.einsum("bhts,bhsd->bhtd", weights, vf)
+    if poisoned:
+        out = out + torch.where(seen, float("nan"), 0.0).to(ct)
     return Reference(out.to(q.dtype), weights, lse)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from attnlab import reference as _reference
-from attnlab.core import AttentionOutput, check_causal
+from attnlab.core import AttentionOutput, check_causal, nonnegative_int, positive_int
 from attnlab.kernels import BlockLayout, block_sizes, block_sparse_attention
 
 PATTERNS = ("self", "self_causal", "cross", "cross_causal")
@@ -161,6 +161,14 @@ class Mechanism:
         if not isinstance(selection, self.selection_type) or (selection.layout.T, selection.layout.S) != (T, S):
             raise ValueError(f"selection must be a {kind} for T={T}, S={S} (from select() on a same-shaped call)")
 
+    @staticmethod
+    def _check_sizes(T, S, kv_heads) -> None:
+        """Sizes given by hand (``mask``, ``block_layout``), checked before any tensor is built."""
+        nonnegative_int("T", T)
+        nonnegative_int("S", S)
+        if kv_heads is not None:
+            positive_int("kv_heads", kv_heads)
+
     def _heads(self, kv_heads: int | None) -> dict:
         return {"kv_heads": kv_heads or 1} if self.per_kv_head else {}
 
@@ -169,6 +177,7 @@ class Mechanism:
         the default device's tiles (``kernels.block_sizes()``)."""
         if self.layout is None:
             raise ValueError(f"{self.name} is a {self.kind.value} mechanism and has no fixed block layout")
+        self._check_sizes(T, S, kv_heads)
         opts = self.resolve(T, S, causal, options)
         return self.layout(T, S, causal=causal, block=block_sizes(), **self._heads(kv_heads), **opts)
 
@@ -193,6 +202,7 @@ class Mechanism:
             raise ValueError(f"{self.name}'s mask depends on q and k: use attnlab.get({self.name!r}).select(q, k, ...)")
         if self.mask is None:
             raise ValueError(f"{self.name} mixes several attentions and has no single mask")
+        self._check_sizes(T, S, kv_heads)
         return self._dense_mask(T, S, causal, kv_heads, self.resolve(T, S, causal, options))
 
     def _dense_mask(self, T: int, S: int, causal, kv_heads: int | None, opts: dict) -> Tensor:

@@ -100,3 +100,41 @@ def test_a_device_the_record_does_not_serve_is_refused(monkeypatch):
     cuda_only.check_device(torch.device("meta"))  # no raise: the device guards trace on meta
     with pytest.raises(ValueError, match="runs on cuda"):
         cuda_only.check_device(torch.device("cpu"))
+
+
+def _mask(T, S, **kw):
+    return attnlab.mask("sliding_window", T, S, window=2, **kw)
+
+
+def _layout(T, S, **kw):
+    return attnlab.get("sliding_window").block_layout(T, S, window=2, **kw)
+
+
+@pytest.mark.parametrize("build", [_mask, _layout], ids=["mask", "block_layout"])
+@pytest.mark.parametrize(
+    ("sizes", "kw", "match"),
+    [
+        ((-4, 4), {}, "T must be a non-negative int, got -4"),
+        ((4, -1), {}, "S must be a non-negative int, got -1"),
+        ((True, 4), {}, "T must be a non-negative int, got True"),
+        ((4, 4.0), {}, "S must be a non-negative int, got 4.0"),
+        ((4, 4), {"kv_heads": 0}, "kv_heads must be a positive int, got 0"),
+    ],
+    ids=["negative-T", "negative-S", "bool", "float", "kv-heads"],
+)
+def test_bad_sizes_of_mask_and_layout(build, sizes, kw, match):
+    """Sizes given by hand are checked before any tensor is built (not arange's RuntimeError)."""
+    with pytest.raises(ValueError, match=match):
+        build(*sizes, **kw)
+
+
+def test_causal_must_be_a_bool_everywhere():
+    q, k, v = qkv()
+    calls = [
+        lambda: attnlab.attention(q, k, v, "sliding_window", causal="yes", window=2),
+        lambda: _mask(8, 8, causal="yes"),
+        lambda: _layout(8, 8, causal="yes"),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="causal must be a bool, got str"):
+            call()

@@ -85,6 +85,29 @@ def test_compare_flags_a_regression_and_cli_exit_codes(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("attnlab bench: error: no timed configuration is common")
 
 
+def test_compare_takes_the_latest_run_of_an_out_folder(tmp_path, capsys):
+    """``--compare`` given the folders passed to ``--out``: each one's newest timestamped run is used,
+    and named. Here only the newest runs differ (a regression); the older ones agree."""
+    for out, old_vs, new_vs in (("out_a", 2.0, 4.0), ("out_b", 2.0, 2.0)):
+        (tmp_path / out).mkdir()
+        _write(tmp_path / out, "20260101-090000", [_row("w", 1024, 10.0, old_vs)])
+        _write(tmp_path / out, "20260102-120000", [_row("w", 1024, 10.0, new_vs)])
+    (tmp_path / "out_a" / "notes").mkdir()  # a folder without results.json is not a run
+    a, b = tmp_path / "out_a", tmp_path / "out_b"
+    assert cli.main(["bench", "--compare", str(a), str(b)]) == 1
+    out = capsys.readouterr().out
+    assert f"A: the latest run in {a}: 20260102-120000" in out and f"B: the latest run in {b}" in out
+    assert "REGRESSION" in out
+    # A run folder or its results.json is taken as it is, without a note.
+    old = a / "20260101-090000"
+    assert cli.main(["bench", "compare", str(old), str(b / "20260101-090000" / "results.json")]) == 0
+    assert "latest run" not in capsys.readouterr().out
+    assert analysis.run_file(a) == (a / "20260102-120000" / "results.json", True)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["bench", "compare", str(a), str(tmp_path / "empty")]) == 2
+    assert "no results.json at" in capsys.readouterr().err
+
+
 def test_plots_are_written(tmp_path):
     rows = [_row(n, T, 1e-3 * T, 2.0) for n in ("dense", "w") for T in (1000, 2000)]
     paths = plots.write(rows, tmp_path)

@@ -340,6 +340,18 @@ def test_bench_threads_are_set_once_per_run(monkeypatch, tmp_path):
     assert calls == [1]
 
 
+def test_bench_threads_must_be_a_positive_int(capsys):
+    """Not torch's traceback for -3, nor a silent default for 0: one line naming --threads, exit 2."""
+    import pytest
+
+    for argv in (["efficiency", "--threads", "-3"], ["quality", "--threads", "0"], ["--threads", "x"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert "argument --threads: must be a positive int" in err
+
+
 def test_the_sdpa_baseline_comes_from_the_records():
     """The mechanism whose fast path *is* SDPA: a mask mechanism whose first impl is SDPA; a composite
     that calls SDPA and gates the result (moh) computes something else."""

@@ -97,13 +97,24 @@ def efficiency_lengths(rows: list[dict]) -> list[Crossing]:
     return out
 
 
-def load(path: str | Path) -> dict:
-    """A run's results.json, given the file or its folder."""
+def run_file(path: str | Path) -> tuple[Path, bool]:
+    """The results.json a path names: the file, its run folder, or the newest run under a folder given
+    to ``--out`` (run folders are named by timestamp, so the newest sorts last). Returns the file and
+    whether it was picked among several runs."""
     p = Path(path)
-    p = p / "results.json" if p.is_dir() else p
-    if not p.is_file():
-        raise ValueError(f"no results.json at {path}")
-    return json.loads(p.read_text())
+    if p.is_file():
+        return p, False
+    if (p / "results.json").is_file():
+        return p / "results.json", False
+    runs = sorted(d / "results.json" for d in p.iterdir() if (d / "results.json").is_file()) if p.is_dir() else []
+    if not runs:
+        raise ValueError(f"no results.json at {path} or in a run folder under it")
+    return runs[-1], True
+
+
+def load(path: str | Path) -> dict:
+    """A run's results.json, given the file, its folder, or the ``--out`` folder (its newest run)."""
+    return json.loads(run_file(path)[0].read_text())
 
 
 def compare(a: dict, b: dict, threshold: float = 0.10) -> list[dict]:

@@ -35,6 +35,10 @@ def cmd_compare(args) -> int:
 
     a, b = args.a, args.b
     try:
+        for name, given in (("A", a), ("B", b)):
+            path, picked = analysis.run_file(given)
+            if picked:
+                print(f"{name}: the latest run in {given}: {path.parent.name}")
         rows = analysis.compare(analysis.load(a), analysis.load(b))
     except (ValueError, KeyError, OSError) as e:
         raise BadInput(f"cannot compare {a} and {b}: {e}") from e
@@ -224,11 +228,22 @@ def legacy_bench(argv: list[str]) -> list[str]:
     return ["efficiency", *rest]
 
 
+def positive_threads(text: str) -> int:
+    """argparse type of ``--threads``: a positive int (torch refuses 0 and negatives with a traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return n
+
+
 def _suite_options(parent: argparse.ArgumentParser) -> None:
     """Options both suites take, handled once (``_start_suite``)."""
     parent.add_argument("--preset", choices=["quick", "full"], default="quick")
     parent.add_argument("--mechanisms", nargs="+", choices=registry.mechanisms())
-    parent.add_argument("--threads", type=int, default=0, help="intra-op threads (default: torch's)")
+    parent.add_argument("--threads", type=positive_threads, help="intra-op threads, > 0 (default: torch's)")
     parent.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
