@@ -53,3 +53,31 @@ def test_per_head_layout_is_exposed():
     assert lay.allowed_count() == int(
         attnlab.mask("strided_shard", 256, 256, causal=True, kv_heads=4, block_size=16).sum()
     )
+
+
+def dkernel_block_mask(heads, kv_heads, blocks, local, stride, dense_heads):
+    """DKernel's causal block rule (dkernel.utils.get_sparse_attn_mask), per kv head, written out by loops."""
+    step = max(1, int(stride / heads))  # DKernel divides by the *query* heads
+    out = torch.zeros(kv_heads, blocks, blocks, dtype=torch.bool)
+    for h in range(kv_heads):
+        for I in range(blocks):
+            for J in range(I + 1):
+                stripe = h >= kv_heads - dense_heads or (J + h * step) % stride == 0
+                out[h, I, J] = I - J < local or stripe
+    return out
+
+
+def test_head_step_option_reproduces_dkernel_under_gqa():
+    beta, blocks, stride = 2, 12, 8
+    T = beta * blocks
+    for heads, kv_heads, dense_heads in ((8, 2, 0), (8, 4, 1), (4, 4, 0), (16, 4, 0)):
+        want_blocks = dkernel_block_mask(heads, kv_heads, blocks, 2, stride, dense_heads)
+        want = want_blocks.repeat_interleave(beta, 1).repeat_interleave(beta, 2) & torch.ones(T, T).tril().bool()
+        options = dict(causal=True, kv_heads=kv_heads, block_size=beta, local_blocks=2, vert_stride=stride)
+        dkernel = attnlab.mask(
+            "strided_shard", T, T, head_step=max(1, stride // heads), dense_heads=dense_heads, **options
+        )
+        assert torch.equal(dkernel[0], want)
+        default = attnlab.mask("strided_shard", T, T, dense_heads=dense_heads, **options)
+        # The default spreads the shifts over the kv heads: equal to DKernel under MHA only.
+        assert torch.equal(default[0], want) == (heads == kv_heads)

@@ -13,6 +13,17 @@ Stripes use *absolute* block ids (the paper's rule): later tokens reuse the same
 so the pattern is KV-cache friendly. The spec's bidirectional variant measures stripes relative to
 the band; we keep the absolute rule for non-causal calls too, so the union over heads still covers
 everything (an ambiguity resolved in favour of the coverage property).
+
+The default ``head_step`` is ``max(1, vert_stride // Hkv)``, with ``Hkv`` the *kv* heads: the stripe
+pattern lives on kv heads (query heads of a group share it), so spreading the shifts over the kv
+heads is what makes their union cover every block whenever ``Hkv >= vert_stride``. The authors'
+kernel (DKernel, ``dkernel.utils.get_sparse_attn_mask``) divides by the number of *query* heads,
+``max(1, vert_stride // H)`` (``int(vert_stride / num_heads)``), and shifts kv head h by
+``h * head_step`` likewise. Under MHA the two agree; under GQA they differ (H=8, Hkv=2,
+vert_stride=8: 4 here, 1 in DKernel). Pass ``head_step=max(1, vert_stride // H)`` to reproduce
+DKernel exactly (its default ``head_sliding_offset=0``, dense heads last as here);
+``tests/mechanisms/test_strided_shard.py`` checks it against DKernel's rule. [inferred: the paper
+does not state the GQA case.]
 """
 
 from __future__ import annotations
