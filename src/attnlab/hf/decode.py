@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from attnlab import registry
 from attnlab.hf import layers
-from attnlab.hf.register import POLICY, PREFIX
+from attnlab.hf.layers import POLICY, PREFIX
 from attnlab.hf.tokens import at_length
 
 

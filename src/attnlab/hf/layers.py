@@ -17,6 +17,8 @@ from attnlab.hf.masks import masked_attention, unpadded
 from attnlab.hf.tokens import at_length
 
 ATTR = "attnlab"  # the one attribute a pinned attention module carries
+PREFIX = "attnlab_"  # attn_implementation="attnlab_<mechanism>"
+POLICY = PREFIX + "policy"  # the implementation that reads each layer's own setting
 
 
 class LayerSetting(nn.Module):

@@ -14,11 +14,10 @@ the model is built, and a saved model's ``config.json`` keeps them.
 from __future__ import annotations
 
 from attnlab import registry
-from attnlab.hf import layers
+from attnlab.hf import decode, layers
 from attnlab.hf.tokens import at_length
 
-PREFIX = "attnlab_"
-POLICY = PREFIX + "policy"
+PREFIX, POLICY = layers.PREFIX, layers.POLICY
 
 
 def register() -> list[str]:
@@ -26,9 +25,7 @@ def register() -> list[str]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from attnlab.hf.decode import hook_generate
-
-    hook_generate()
+    decode.hook_generate()
     names = [PREFIX + n for n in layers.served()] + [POLICY]
     for full in names:
         default = None if full == POLICY else full.removeprefix(PREFIX)

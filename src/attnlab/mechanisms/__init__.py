@@ -1,5 +1,6 @@
 """One file per mechanism: its dense mask (for the oracle), its predicate and block layout (for the
-executor), and its fast path. The registry (``attnlab.registry``) lists them.
+executor), and its fast path, ending in its ``SPEC`` record. The registry (``attnlab.registry``) lists
+them.
 
 ``import attnlab.mechanisms.block_topk as bt`` and ``help(attnlab.mechanisms.sliding_window)`` reach
 a mechanism's module, whose docstring names its paper, its exact rule and the ambiguities it resolves
@@ -8,29 +9,10 @@ a mechanism's module, whose docstring names its paper, its exact rule and the am
 
 import importlib
 import importlib.util
-import sys
-import types
-import warnings
 
 
-class _DeprecatedCall(types.ModuleType):
-    """This package, callable for one release: ``attnlab.mechanisms()`` was the names function before
-    the package got its name back. Imports stay lazy so that nothing above ``mechanisms/`` is loaded
-    while the registry itself imports this package."""
-
-    def __call__(self) -> list[str]:
-        warnings.warn(
-            "attnlab.mechanisms() is deprecated and will be removed in the next release; use attnlab.names()",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module("attnlab.registry").mechanisms()
-
-    def __getattr__(self, name: str):
-        # A mechanism module no one has imported yet (``attnlab.mechanisms.care``) is still an attribute.
-        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        return importlib.import_module(f"{__name__}.{name}")
-
-
-sys.modules[__name__].__class__ = _DeprecatedCall
+def __getattr__(name: str):
+    # A mechanism module no one has imported yet (``attnlab.mechanisms.care``) is still an attribute.
+    if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return importlib.import_module(f"{__name__}.{name}")
