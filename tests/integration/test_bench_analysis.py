@@ -219,6 +219,31 @@ def test_pattern_sweep_runs_every_longca_pattern_through_the_cli(tmp_path):
     assert dense["full"] == 1.0 and dense["document"] < dense["causal"]
 
 
+def test_cpu_probe_sees_the_tensors_a_call_holds_even_on_reused_pages():
+    """The CPU probe counts the bytes of the call's tensors: the oracle's T x S weights show, the
+    executor's linear memory shows as such, and a second identical call reads the same (pages an
+    earlier call left resident, which an RSS probe cannot see, do not hide it)."""
+    import torch
+
+    import attnlab
+    from attnlab.bench import measure
+
+    T, H = 512, 4
+    q = torch.randn(1, H, T, 32)
+    probe = measure.peak_memory("cpu")
+    assert isinstance(probe, measure.PeakCPU)
+    peaks = {}
+    for impl in ("reference", "auto", "auto", "auto"):  # the first auto call also builds the layout
+        with measure.peak_memory("cpu") as probe:
+            attnlab.attention(q, q, q, "sliding_window", causal=True, window=64, impl=impl)
+        peaks.setdefault(impl, []).append(probe.peak)
+    weights = H * T * T * 4  # one fp32 T x S map per head
+    assert peaks["reference"][0] >= weights
+    out = H * T * 32 * 4
+    assert all(out <= p < weights / 4 for p in peaks["auto"])
+    assert peaks["auto"][2] == peaks["auto"][1]
+
+
 def test_probes_time_a_call_and_see_its_memory():
     import mmap
     import time
@@ -226,8 +251,7 @@ def test_probes_time_a_call_and_see_its_memory():
     from attnlab.bench import measure
 
     assert 0.02 <= measure.elapsed(lambda: time.sleep(0.02), "cpu") < 1.0
-    probe = measure.peak_memory("cpu")
-    assert isinstance(probe, measure.PeakRSS)
+    probe = measure.PeakRSS()
     with probe:
         # Fresh pages straight from the OS: a malloc'd tensor may reuse pages an earlier test left
         # resident, which an RSS probe rightly cannot see.

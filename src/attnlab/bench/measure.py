@@ -1,5 +1,9 @@
 """Timing and memory probes: medians over repeats after warm-up, and peak memory measured while a call
-runs (a real probe, not an estimate): resident set size on CPU, the caching allocator's peak on CUDA.
+runs (a real probe, not an estimate): on CPU the peak of the bytes PyTorch's allocator holds for the
+call's tensors (from the profiler's memory events), on CUDA the caching allocator's peak.
+
+The resident set size, which the CPU probe used before, misses most of it: the C allocator serves a
+call's tensors from pages an earlier call left resident, so small runs read 0 or a page or two.
 
 On CUDA a call is timed with CUDA events recorded around it (kernel launches are asynchronous, so a
 host clock would time the launch, not the work); on CPU with ``time.perf_counter``.
@@ -98,9 +102,33 @@ class PeakCUDA:
         self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
 
 
+class PeakCPU:
+    """Context manager: ``peak`` = the highest number of bytes the call's CPU tensors held at once,
+    above what was live before it. The profiler books an allocation on the op that made it and a free
+    as a ``[memory]`` event; a running sum in start order peaks where the call needed the most."""
+
+    def __init__(self):
+        self.peak = None
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        live = peak = 0
+        for event in sorted(self._prof.events(), key=lambda e: e.time_range.start):
+            live += event.self_cpu_memory_usage
+            peak = max(peak, live)
+        self.peak = peak
+
+
 def peak_memory(device: torch.device | str = "cpu"):
-    """The memory probe for ``device``: :class:`PeakCUDA` on CUDA, :class:`PeakRSS` elsewhere."""
-    return PeakCUDA(device) if torch.device(device).type == "cuda" else PeakRSS()
+    """The memory probe for ``device``: :class:`PeakCUDA` on CUDA, :class:`PeakCPU` elsewhere."""
+    return PeakCUDA(device) if torch.device(device).type == "cuda" else PeakCPU()
 
 
 def _summary(times: list[float], first: float) -> Timing:
