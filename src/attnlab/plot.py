@@ -92,11 +92,12 @@ def _shade_blocks(ax, layout, b: int, h: int) -> None:
     kv = layout.kv_blocks[min(b, layout.kv_blocks.shape[0] - 1), min(h, layout.kv_blocks.shape[1] - 1)].cpu()
     part = layout.partial[min(b, layout.partial.shape[0] - 1), min(h, layout.partial.shape[1] - 1)].cpu()
     nQ, nK = layout.n_q_blocks, layout.n_k_blocks
-    code = torch.zeros(nQ, nK, dtype=torch.long)  # 0 skipped, 1 full, 2 partial
-    rows = torch.arange(nQ)[:, None].expand_as(kv)
+    code = torch.zeros(nQ, nK, dtype=torch.long)  # host: a picture; 0 skipped, 1 full, 2 partial
+    rows = torch.arange(nQ)[:, None].expand_as(kv)  # host: kv was moved to the host above
     seen = kv >= 0
     code[rows[seen], kv[seen]] = torch.where(part[seen], 2, 1)
-    colours = torch.tensor([[0, 0, 0, 0], [0.1, 0.7, 0.2, 0.3], [1.0, 0.55, 0.0, 0.35]], dtype=torch.float64)
+    rgba = [[0, 0, 0, 0], [0.1, 0.7, 0.2, 0.3], [1.0, 0.55, 0.0, 0.35]]
+    colours = torch.tensor(rgba, dtype=torch.float64)  # host: a picture's colours
     bq, bk = layout.block_q, layout.block_k
     ax.imshow(
         colours[code].numpy(),
