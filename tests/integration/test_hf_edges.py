@@ -7,7 +7,8 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from test_hf import _llama as tiny_llama
+from transformers import AutoModelForCausalLM
 
 import attnlab
 import attnlab.hf
@@ -20,17 +21,7 @@ README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 def _llama(impl="eager", options=None):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        head_dim=8,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama().eval()
     model.set_attn_implementation(impl)
     model.config.attnlab = dict(options or {})
     return model
