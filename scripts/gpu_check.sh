@@ -45,7 +45,7 @@ else  # the dry run on a CPU: the same steps, tiny
     BENCH_ARGS=(--device cpu --preset quick --lengths 256 --masks causal --dtype fp32 --modes fwd
         --mechanisms ${BENCH_MECHANISMS:-sliding_window lightning} --flex sliding_window)
 fi
-PYTEST_ARGS=(-o addopts= -q -rfEx -p no:cacheprovider --maxfail="${MAXFAIL:-10}" -k cuda tests/kernels/test_cuda.py tests/integration/test_hf_cuda.py tests/contract/test_contract.py)
+PYTEST_ARGS=(-o addopts= -q -rfEx -p no:cacheprovider --maxfail="${MAXFAIL:-10}" -k cuda tests/kernels/test_cuda.py tests/integration/test_hf_cuda.py tests/contract/test_contract.py tests/contract/test_lse.py)
 
 mkdir -p "$OUT/bench"
 SUMMARY=()
