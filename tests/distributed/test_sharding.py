@@ -161,6 +161,16 @@ def test_wrong_parts():
         unshard([shard(x, s, 0), shard(x, s, 0)[:, :, :3], shard(x, s, 2)], s)
 
 
+def test_wrong_types():
+    s = contiguous(12, 2)
+    with pytest.raises(ValueError, match="sharding must be a Sharding"):
+        shard(torch.zeros(1, 1, 12, 4), "zigzag", 0)
+    with pytest.raises(ValueError, match="x must be a Tensor"):
+        shard([0.0] * 12, s, 0)
+    with pytest.raises(ValueError, match="parts must hold Tensors"):
+        unshard([[0.0] * 6, [0.0] * 6], s)
+
+
 @pytest.mark.parametrize("name", ["block_topk", "linear"])
 def test_balanced_refuses_data_dependent_mechanisms(name):
     with pytest.raises(ValueError, match=f"{name} is a .* no fixed block layout.*contiguous.*zigzag"):

@@ -86,6 +86,11 @@ def zigzag(T: int, world: int) -> Sharding:
     return Sharding("zigzag", T, world, tuple((chunks[r], chunks[2 * world - 1 - r]) for r in range(world)))
 
 
+def _check(sharding: Sharding) -> None:
+    if not isinstance(sharding, Sharding):
+        raise ValueError(f"sharding must be a Sharding (contiguous/zigzag/balanced), got {type(sharding).__name__}")
+
+
 def _dim(x: Tensor, dim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for a {x.dim()}-d tensor, got {dim!r}")
@@ -97,6 +102,9 @@ def shard(x: Tensor, sharding: Sharding, rank: int, dim: int = 2) -> Tensor:
 
     x [..., T, ...] (T on ``dim``; 2 is the sequence axis of [B, H, T, D]) -> [..., n_rank, ...].
     """
+    _check(sharding)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
     d = _dim(x, dim)
     if x.shape[d] != sharding.length:
         raise ValueError(f"x has length {x.shape[d]} on dim {dim} but the sharding is for T={sharding.length}")
@@ -108,9 +116,12 @@ def unshard(parts: list[Tensor], sharding: Sharding, dim: int = 2) -> Tensor:
 
     parts[r] [..., n_r, ...] -> [..., T, ...]; differentiable (a concatenation and a gather).
     """
+    _check(sharding)
     if not isinstance(parts, (list, tuple)) or len(parts) != sharding.world:
         n = len(parts) if isinstance(parts, (list, tuple)) else type(parts).__name__
         raise ValueError(f"parts must be a list of world={sharding.world} tensors, got {n}")
+    if not all(isinstance(p, Tensor) for p in parts):
+        raise ValueError(f"parts must hold Tensors, got {[type(p).__name__ for p in parts]}")
     d = _dim(parts[0], dim)
     for r, (p, n) in enumerate(zip(parts, sharding.sizes())):
         if p.dim() != parts[0].dim() or p.shape[d] != n:
