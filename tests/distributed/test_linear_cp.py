@@ -6,6 +6,8 @@ Spawning is slow, so each spawn runs many cases per rank and returns what it mea
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from _ranks import run_ranks
@@ -77,11 +79,31 @@ def _bytes_and_mismatch(rank: int, world: int) -> dict:
         result["mismatch"] = None
     except ValueError as e:
         result["mismatch"] = str(e)
+    try:  # a different mechanism, hence a different number of options, still meets and is named
+        linear_cp(q, k, v, "lightning" if rank == 0 else "linear", causal=True)
+        result["mechanism"] = None
+    except ValueError as e:
+        result["mechanism"] = str(e)
     return result
 
 
 def _everything(rank: int, world: int) -> tuple[list, dict]:
-    return _exactness(rank, world), _bytes_and_mismatch(rank, world)
+    return _exactness(rank, world), _bytes_and_mismatch(rank, world), _absent_rank(rank)
+
+
+def _absent_rank(rank: int):
+    """Rank 1 stays alive but never calls linear_cp: rank 0 must raise within its timeout (1 s), long
+    before rank 1 leaves (3 s), not hang. Last: the group is unusable afterwards."""
+    if rank == 1:
+        time.sleep(3.0)
+        return None
+    q, k, v = (t[:, :, :4] for t in _inputs(0, 4))
+    start = time.monotonic()
+    try:
+        linear_cp(q, k, v, "linear", causal=True, timeout=1.0)
+    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError (timeout) or a connection error
+        return type(e).__name__, time.monotonic() - start
+    return None
 
 
 def _check_exactness(world: int, rank: int, errors: list) -> None:
@@ -90,8 +112,11 @@ def _check_exactness(world: int, rank: int, errors: list) -> None:
         assert err < 1e-10, f"world={world} rank={rank} {case}: max error {err:.3g}"
 
 
-def test_world_2_exact_communication_independent_of_T_and_disagreement_raises_everywhere():
-    for rank, (errors, result) in enumerate(run_ranks(_everything, 2, timeout=55)):
+def test_world_2_exact_communication_independent_of_T_disagreement_and_absent_rank_raise():
+    ranks = run_ranks(_everything, 2, timeout=55)
+    raised = ranks[0][2]
+    assert raised is not None and raised[1] < 2.5, f"rank 0 with rank 1 absent: {raised}"
+    for rank, (errors, result, _) in enumerate(ranks):
         _check_exactness(2, rank, errors)
         for mech, causal in (("linear", True), ("lightning", False)):
             short, long = result[(mech, causal, 64)], result[(mech, causal, 128)]
@@ -100,6 +125,7 @@ def test_world_2_exact_communication_independent_of_T_and_disagreement_raises_ev
         assert result[("linear", True, 64)] == B * H * (D * DV + D) * 8
         assert result[("lightning", False, 64)] == 2 * B * H * D * DV * 8
         assert result["mismatch"] is not None and "option 'chunk_size'" in result["mismatch"], result["mismatch"]
+        assert result["mechanism"] is not None and "disagree on mechanism" in result["mechanism"], result["mechanism"]
 
 
 def test_world_4_forward_and_gradients_equal_single_process():

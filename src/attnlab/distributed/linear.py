@@ -33,6 +33,8 @@ from attnlab.mechanisms import lightning
 from attnlab.mechanisms import linear as _linear
 from attnlab.spec import Kind, Mechanism
 
+SLOTS = 16  # fields in the agreement check's fingerprint
+
 
 def _record(mechanism) -> Mechanism:
     from attnlab import registry  # late: the registry imports every mechanism module
@@ -57,12 +59,17 @@ def _fingerprint(sh, dtype, spec: Mechanism, causal: bool, scale, opts: dict) ->
 def _agree(fields: dict, T: int, device, group, timeout: float) -> list[int]:
     """All-gather a hash per field and the local lengths; raise on any disagreement (on every rank,
     since all see the same table). Returns the ranks' lengths [W]. Waits at most ``timeout`` s."""
-    hashes = [zlib.crc32(repr(v).encode()) for v in fields.values()]
-    mine = torch.tensor([T, *hashes], dtype=torch.int64, device=device)
+    # A fixed size (padded, and anything past SLOTS folded into the last slot) so that ranks with
+    # different mechanisms, hence different option counts, still meet in the same all_gather.
+    hashes = [zlib.crc32(repr(item).encode()) for item in fields.items()]
+    hashes = hashes[: SLOTS - 1] + [zlib.crc32(repr(hashes[SLOTS - 1 :]).encode())] if len(hashes) > SLOTS else hashes
+    mine = torch.tensor([T, *hashes] + [0] * (SLOTS - len(hashes)), dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group, async_op=True).wait(timeout=timedelta(seconds=timeout))
     table = torch.stack(table).cpu()  # [W, 1 + fields]
-    differ = [name for i, name in enumerate(fields) if bool((table[:, 1 + i] != table[0, 1 + i]).any())]
+    names = list(fields) if len(fields) <= SLOTS else list(fields)[: SLOTS - 1] + [", ".join(list(fields)[SLOTS - 1 :])]
+    names += ["the option names"] * (SLOTS - len(names))  # padding differs only with the option count
+    differ = [name for i, name in enumerate(names) if bool((table[:, 1 + i] != table[0, 1 + i]).any())]
     if differ:
         raise ValueError(f"linear_cp: the ranks disagree on {', '.join(differ)} (this rank has {fields})")
     return table[:, 0].tolist()
@@ -92,7 +99,7 @@ def _combine(flat: Tensor, weights: Tensor, shape: tuple):
     return kv, None if z is None else torch.einsum("wh,wbhf->bhf", weights, z)
 
 
-def _weights(lengths: list[int], take: list[bool], steps: list[int], log_g: Tensor | None, H: int, like: Tensor):
+def _weights(take: list[bool], steps: list[int], log_g: Tensor | None, H: int, like: Tensor):
     """[W, H]: gamma_h ** steps[s] for the ranks s taken, 0 for the others."""
     mask = torch.tensor(take, dtype=like.dtype, device=like.device).view(-1, 1)  # [W, 1]
     if log_g is None:
@@ -105,7 +112,9 @@ def linear_cp(q_l, k_l, v_l, mechanism, *, causal, group=None, timeout: float = 
     """Attention of a linear-family ``mechanism`` over a sequence split contiguously across the ranks
     of ``group`` (rank r holds ``contiguous(T, W).ranges[r]``): q_l [B,H,n_r,D], k_l [B,Hkv,n_r,D],
     v_l [B,Hkv,n_r,Dv] -> this rank's rows of the full-sequence output [B,H,n_r,Dv]. Every rank must
-    call it with the same shapes, dtype, mechanism, ``causal``, ``scale`` and options."""
+    call it with the same shapes, dtype, mechanism, ``causal``, ``scale`` and options (checked first:
+    a ValueError names what differs). ``timeout`` bounds that first check, so a rank that never
+    arrives makes the others raise; the state exchange after it runs under the group's own timeout."""
     spec = _record(mechanism)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -134,7 +143,6 @@ def linear_cp(q_l, k_l, v_l, mechanism, *, causal, group=None, timeout: float = 
     starts = [sum(lengths[:s]) for s in range(W + 1)]
     # before: rank s's end-state decays over the tokens of ranks s+1..rank-1
     before = _weights(
-        lengths,
         [s < rank for s in range(W)],
         [max(0, starts[rank] - starts[s + 1]) for s in range(W)],
         log_g,
@@ -153,7 +161,6 @@ def linear_cp(q_l, k_l, v_l, mechanism, *, causal, group=None, timeout: float = 
         return linear_chunks.divide(qf @ kv, den).to(out_dtype)
     # after: rank s's start-state decays over the tokens of ranks rank+1..s-1
     after = _weights(
-        lengths,
         [s > rank for s in range(W)],
         [max(0, starts[s] - starts[rank + 1]) for s in range(W)],
         log_g,
