@@ -128,7 +128,7 @@ def linear_cp(q_l, k_l, v_l, mechanism, *, causal, group=None, timeout: float = 
     rank = dist.get_rank(group)
 
     fmap, decay = _params(spec, sh.H, opts, q_l.device)
-    feats = _linear._features(q_l, k_l, scale, fmap)
+    feats = _linear.features(q_l, k_l, scale, fmap)
     log_g = None if decay is None else torch.log(decay.to(feats.dtype))
     out_dtype, (q, k, v) = q_l.dtype, (t.to(feats.dtype) for t in (q_l, k_l, v_l))
     n, shape = sh.T, (sh.B, sh.H, sh.D, sh.Dv, feats.normalized)

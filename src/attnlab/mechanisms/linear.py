@@ -98,7 +98,8 @@ def check_options(T: int, S: int, causal, opts: dict) -> dict:
 # -- shared pieces ---------------------------------------------------------------------------------
 
 
-def _features(q: Tensor, k: Tensor, scale, feature_map: str) -> linear_chunks.Features:
+def features(q: Tensor, k: Tensor, scale, feature_map: str) -> linear_chunks.Features:
+    """The feature maps of a call (also used by context parallelism, attnlab.distributed.linear)."""
     return linear_chunks.Features(
         FEATURE_MAPS[feature_map],
         resolve_scale(scale, q.shape[-1]),
@@ -119,7 +120,7 @@ def chunked(q, k, v, *, causal=False, scale=None, feature_map="elu+1", decay=Non
     """The fast path: q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> [B,H,T,Dv]. ``decay`` [H] in
     (0, 1) or None. Memory linear in T and S (see kernels/linear_chunks.py)."""
     sh = check_qkv(q, k, v)
-    feats = _features(q, k, scale, feature_map)
+    feats = features(q, k, scale, feature_map)
     log_g = _log_decay(decay, feats.dtype, q.device)
     # One cast up front: the passes' gradients then add in the compute dtype and round to q.dtype
     # once (per-slice casts would round each pass's bf16 gradient, and passes can cancel).
@@ -133,7 +134,7 @@ def parallel(q, k, v, *, causal=False, scale=None, feature_map="elu+1", decay=No
     """The oracle: materializes the [B,H,T,S] coefficients. Returns (out, weights, lse=None), where
     weights are the normalized coefficients (the raw ones for identity features)."""
     sh = check_qkv(q, k, v)
-    feats = _features(q, k, scale, feature_map)
+    feats = features(q, k, scale, feature_map)
     qf, (kf, vf) = feats.q(q, 0, sh.T), feats.kv(k, v, 0, sh.S)
     pos = torch.arange(sh.T, device=q.device) + sh.S - sh.T
     dist = pos.view(-1, 1) - torch.arange(sh.S, device=q.device).view(1, -1)  # p_t - j  [T, S]
@@ -172,7 +173,7 @@ def recurrent_form(
     sh = check_qkv(q, k, v)
     if sh.T != sh.S:
         raise ValueError(f"the recurrent form takes the same new tokens as queries and keys: T={sh.T} != S={sh.S}")
-    feats = _features(q, k, scale, feature_map)
+    feats = features(q, k, scale, feature_map)
     state = _check_state(state, sh, feats, q.device)
     log_g = _log_decay(decay, feats.dtype, q.device)
     out, _, new = linear_chunks.aligned(q, k, v, feats, log_g, chunk_size, state, finish=True)
@@ -199,7 +200,7 @@ def fla_chunked(q, k, v, *, causal, scale=None, feature_map="elu+1", decay=None)
     reason = _fla.supports(q, k, v, causal)
     if reason is not None:
         raise ValueError(f"fla cannot run this call: {reason}")
-    feats = _features(q, k, scale, feature_map)
+    feats = features(q, k, scale, feature_map)
     log_g = _log_decay(decay, torch.float32, q.device)
     return _fla.causal(q, k, v, feats, log_g, identity=feature_map == "identity")
 
